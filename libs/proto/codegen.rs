@@ -49,17 +49,10 @@ pub fn generate(
     std::fs::write(out_dir.join(descriptor_name), compiler.encode_file_descriptor_set())
         .expect("write descriptor set");
 
-    // Generate code only for our own files: well-known types come from
-    // `prost-types`, and `extern_paths` covers crates we build on.
-    let mut fds = compiler.file_descriptor_set();
-    fds.file.retain(|f| {
-        let package = f.package();
-        !package.starts_with("google.")
-            && !extern_paths.iter().any(|(proto, _)| {
-                let proto = proto.trim_start_matches('.');
-                package == proto || package.starts_with(&format!("{proto}."))
-            })
-    });
+    // Every file goes in (prost needs the whole message graph); types under
+    // an extern path (well-known types → prost-types, `extern_paths`) are
+    // referenced, not generated.
+    let fds = compiler.file_descriptor_set();
     let mut builder = tonic_prost_build::configure()
         .generate_default_stubs(true)
         .include_file(include_file)

@@ -34,8 +34,7 @@ use figment::{
     providers::{Format, Serialized, Toml},
     value::{Dict, Map, Value},
 };
-use secrecy::ExposeSecret;
-pub use secrecy::SecretString;
+pub use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 
@@ -75,6 +74,13 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+}
+
+impl ConfigError {
+    /// An invalid-configuration error with a message naming the key.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ConfigError::Invalid(Box::new(figment::Error::from(message.into())))
+    }
 }
 
 impl From<figment::Error> for ConfigError {

@@ -1,0 +1,324 @@
+//! gRPC server bootstrap shared by every Socle service.
+//!
+//! A service is a library exposing `run(ServiceContext)`; its `main.rs`
+//! calls [`run_main`], and tests call `run` directly with a listener on port
+//! 0 (see `socle-testkit`). [`ServiceHost`] serves the service's tonic
+//! services with gRPC health and reflection, the shared tower stack (see
+//! [`layers`]) and graceful shutdown: on the signal, health flips to
+//! `NOT_SERVING`, the listener closes and in-flight calls drain for up to
+//! `server.shutdown_grace_ms`.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use prost_reflect::DescriptorPool;
+use serde::{Deserialize, Serialize};
+use socle_config::{HasSecretSources, SecretResolver, SecretsSettings, Sources, VaultSettings};
+use socle_db::DatabaseSettings;
+use socle_telemetry::{RpcMetrics, TelemetrySettings};
+use tokio::net::TcpListener;
+use tonic::{server::NamedService, service::RoutesBuilder};
+use tower::ServiceBuilder;
+
+pub mod authz;
+pub mod layers;
+pub mod request_id;
+
+pub use authz::{Authorizer, DeclaredRulesOnly, Principal};
+pub use request_id::RequestId;
+
+/// `[server]` settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Listen address. Services default to loopback: expose them on purpose.
+    pub listen: SocketAddr,
+    /// Upper bound of any call, in milliseconds (a shorter `grpc-timeout` wins).
+    pub request_timeout_ms: u64,
+    /// Calls handled at once; beyond, calls are shed with `RESOURCE_EXHAUSTED`.
+    pub max_in_flight: usize,
+    /// How long in-flight calls may drain after the shutdown signal.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50050)),
+            request_timeout_ms: 30_000,
+            max_in_flight: 512,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// The configuration shared by every backend service.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// `[server]`.
+    pub server: ServerSettings,
+    /// `[database]`.
+    pub database: DatabaseSettings,
+    /// `[telemetry]`.
+    pub telemetry: TelemetrySettings,
+    /// `[vault]`.
+    pub vault: VaultSettings,
+    /// `[secrets]`.
+    pub secrets: SecretsSettings,
+    /// `[features]`: flags for capabilities rolled out gradually.
+    pub features: BTreeMap<String, bool>,
+}
+
+impl HasSecretSources for ServiceConfig {
+    fn vault(&self) -> &VaultSettings {
+        &self.vault
+    }
+    fn secrets(&self) -> &SecretsSettings {
+        &self.secrets
+    }
+}
+
+/// A server could not start or failed while running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] socle_config::ConfigError),
+    /// The database is unreachable or a migration failed.
+    #[error(transparent)]
+    Database(#[from] socle_db::DbError),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Anything else at start-up.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A shutdown signal that can be awaited once.
+pub type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Everything a service needs to run.
+pub struct ServiceContext {
+    /// Its configuration.
+    pub config: ServiceConfig,
+    /// Its secret resolver.
+    pub secrets: SecretResolver,
+    /// A bound listener (port 0 in tests).
+    pub listener: TcpListener,
+    /// Resolves when the service must stop.
+    pub shutdown: Shutdown,
+    /// The authorizer; [`DeclaredRulesOnly`] until identity provides one.
+    pub authorizer: Arc<dyn Authorizer>,
+}
+
+/// Builds and serves one service's gRPC endpoints.
+pub struct ServiceHost {
+    name: &'static str,
+    pool: &'static DescriptorPool,
+    routes: RoutesBuilder,
+    served: Vec<&'static str>,
+    authorizer: Arc<dyn Authorizer>,
+    settings: ServerSettings,
+}
+
+impl ServiceHost {
+    /// A host for service `name` whose RPCs are described in `pool`.
+    pub fn new(name: &'static str, pool: &'static DescriptorPool, settings: ServerSettings) -> Self {
+        ServiceHost {
+            name,
+            pool,
+            routes: RoutesBuilder::default(),
+            served: Vec::new(),
+            authorizer: Arc::new(DeclaredRulesOnly),
+            settings,
+        }
+    }
+
+    /// Replaces the authorizer.
+    pub fn authorizer(mut self, authorizer: Arc<dyn Authorizer>) -> Self {
+        self.authorizer = authorizer;
+        self
+    }
+
+    /// Adds a tonic service; it is reported `SERVING` by gRPC health.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.served.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Serves until `shutdown` resolves, then drains.
+    pub async fn serve(self, listener: TcpListener, shutdown: Shutdown) -> Result<(), ServerError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in &self.served {
+            health.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
+        }
+        health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(socle_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServerError::Other(format!("reflection: {e}")))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(socle_proto::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| ServerError::Other(format!("reflection: {e}")))?;
+
+        let mut routes = self.routes;
+        routes.add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
+
+        let table = authz::AccessTable::from_pool(self.pool);
+        // Outermost first; see `layers` for why this order.
+        let stack = ServiceBuilder::new()
+            .layer(request_id::RequestIdLayer)
+            .layer(layers::ObserveLayer::new(RpcMetrics::new(self.name)))
+            .layer(layers::GuardLayer::new(
+                self.settings.max_in_flight,
+                Duration::from_millis(self.settings.request_timeout_ms),
+            ))
+            .layer(authz::AuthzLayer::new(table, self.authorizer))
+            .into_inner();
+
+        let address = listener.local_addr().map_err(|e| ServerError::Other(e.to_string()))?;
+        tracing::info!(service = self.name, %address, "serving");
+        let grace = Duration::from_millis(self.settings.shutdown_grace_ms);
+        let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = {
+            let health = health.clone();
+            let served = self.served.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: draining in-flight calls");
+                health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                for name in served {
+                    health.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
+                }
+                let _ = drained_tx.send(());
+            }
+        };
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tonic::transport::Server::builder()
+            .layer(stack)
+            .add_routes(routes.routes())
+            .serve_with_incoming_shutdown(incoming, signal);
+        tokio::pin!(server);
+        tokio::select! {
+            result = &mut server => result?,
+            _ = async { let _ = drained_rx.await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("shutdown grace period elapsed, closing remaining calls");
+            }
+        }
+        tracing::info!(service = self.name, "stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub fn shutdown_signal() -> Shutdown {
+    Box::pin(async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+    })
+}
+
+/// The `main` of every backend service: `<binary> [serve]` loads the
+/// configuration, sets up telemetry, binds `server.listen` and calls `run`;
+/// `<binary> migrate` only runs the migrations (the Kubernetes job);
+/// `<binary> check-config` validates the configuration and exits.
+pub fn run_main<F, Fut>(name: &'static str, run: F, migrate: fn(ServiceConfig, SecretResolver) -> MigrateFuture) -> anyhow::Result<()>
+where
+    F: FnOnce(ServiceContext) -> Fut,
+    Fut: Future<Output = Result<(), ServerError>>,
+{
+    let command = std::env::args().nth(1).unwrap_or_else(|| "serve".into());
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let (config, secrets) = socle_config::load::<ServiceConfig>(&Sources::from_process())
+            .await
+            .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        let _telemetry = socle_telemetry::init(name, &config.telemetry)?;
+        match command.as_str() {
+            "check-config" => {
+                println!("{name}: configuration is valid");
+                Ok(())
+            }
+            "migrate" => {
+                let applied = migrate(config, secrets).await?;
+                tracing::info!(count = applied.len(), "migrations applied");
+                Ok(())
+            }
+            "serve" => {
+                let listener = TcpListener::bind(config.server.listen).await?;
+                run(ServiceContext {
+                    config,
+                    secrets,
+                    listener,
+                    shutdown: shutdown_signal(),
+                    authorizer: Arc::new(DeclaredRulesOnly),
+                })
+                .await?;
+                Ok(())
+            }
+            other => anyhow::bail!("{name}: unknown command `{other}` (serve, migrate, check-config)"),
+        }
+    })
+}
+
+/// The future returned by a service's `migrate` function.
+pub type MigrateFuture = std::pin::Pin<Box<dyn Future<Output = Result<Vec<String>, ServerError>> + Send>>;
+
+/// Connects to the service database, migrating first when configured to.
+pub async fn open_database(
+    settings: &DatabaseSettings,
+    secrets: &SecretResolver,
+    migrations: socle_db::EmbeddedMigrations,
+) -> Result<socle_db::Database, ServerError> {
+    let resolved = settings.resolve(secrets).await?;
+    if resolved.migrate_on_start {
+        let applied = socle_db::migrate(&resolved.owner_url, migrations, resolved.app_role.as_deref()).await?;
+        tracing::info!(count = applied.len(), "migrations applied");
+    }
+    Ok(socle_db::Database::connect(&resolved.url, resolved.max_connections, resolved.acquire_timeout).await?)
+}
+
+/// Runs the migrations only (the `migrate` command).
+pub async fn migrate_only(
+    settings: &DatabaseSettings,
+    secrets: &SecretResolver,
+    migrations: socle_db::EmbeddedMigrations,
+) -> Result<Vec<String>, ServerError> {
+    let resolved = settings.resolve(secrets).await?;
+    Ok(socle_db::migrate(&resolved.owner_url, migrations, resolved.app_role.as_deref()).await?)
+}

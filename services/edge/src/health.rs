@@ -1,0 +1,68 @@
+//! `grpc.health.v1.Health` on the edge, as an aggregator: `Check` with an
+//! empty service name answers for the edge itself; with a service name it is
+//! forwarded to the upstream serving that service, so a client can check
+//! any service through the edge on gRPC, gRPC-web and REST
+//! (`GET /api/v1/health?service=socle.crm.v1.OrganizationService`).
+
+use std::pin::Pin;
+
+use tonic_health::pb::{
+    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus, health_client::HealthClient,
+    health_server::Health,
+};
+
+use crate::upstream::Upstreams;
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct EdgeHealth {
+    upstreams: Upstreams,
+}
+
+impl EdgeHealth {
+    /// An aggregator over `upstreams`.
+    pub fn new(upstreams: Upstreams) -> Self {
+        EdgeHealth { upstreams }
+    }
+}
+
+#[tonic::async_trait]
+impl Health for EdgeHealth {
+    async fn check(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        let service = request.get_ref().service.clone();
+        if service.is_empty() {
+            return Ok(tonic::Response::new(HealthCheckResponse {
+                status: ServingStatus::Serving as i32,
+            }));
+        }
+        let upstream = self
+            .upstreams
+            .for_service(&service)
+            .ok_or_else(|| tonic::Status::not_found(format!("unknown service {service}")))?;
+        let mut client = HealthClient::new(upstream);
+        match client.check(HealthCheckRequest { service }).await {
+            Ok(response) => Ok(response),
+            // An unreachable upstream is not an error of the check: it is
+            // the answer.
+            Err(status) if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => {
+                Ok(tonic::Response::new(HealthCheckResponse {
+                    status: ServingStatus::NotServing as i32,
+                }))
+            }
+            Err(status) => Err(status),
+        }
+    }
+
+    type WatchStream =
+        Pin<Box<dyn futures::Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send + 'static>>;
+
+    async fn watch(
+        &self,
+        _request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("watch the upstream services directly"))
+    }
+}
