@@ -19,7 +19,7 @@ use std::{
 
 use prost_reflect::DescriptorPool;
 use serde::{Deserialize, Serialize};
-use socle_config::{HasSecretSources, SecretResolver, SecretsSettings, Sources, VaultSettings};
+use socle_config::{HasSecretSources, SecretsSettings, Sources, VaultSettings};
 use socle_db::DatabaseSettings;
 use socle_telemetry::{RpcMetrics, TelemetrySettings};
 use tokio::net::TcpListener;
@@ -31,6 +31,7 @@ pub mod layers;
 pub mod request_id;
 
 pub use authz::{Authorizer, DeclaredRulesOnly, Principal};
+pub use socle_config::SecretResolver;
 pub use request_id::RequestId;
 
 /// `[server]` settings.
@@ -127,6 +128,7 @@ pub struct ServiceHost {
     served: Vec<&'static str>,
     authorizer: Arc<dyn Authorizer>,
     settings: ServerSettings,
+    database: Option<socle_db::Database>,
 }
 
 impl ServiceHost {
@@ -139,7 +141,15 @@ impl ServiceHost {
             served: Vec::new(),
             authorizer: Arc::new(DeclaredRulesOnly),
             settings,
+            database: None,
         }
+    }
+
+    /// Reports `NOT_SERVING` on gRPC health while `database` cannot be
+    /// reached (checked every 5 s), so that readiness follows the database.
+    pub fn readiness_database(mut self, database: socle_db::Database) -> Self {
+        self.database = Some(database);
+        self
     }
 
     /// Replaces the authorizer.
@@ -174,6 +184,7 @@ impl ServiceHost {
             health.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
         }
         health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        let probe = self.database.map(|db| tokio::spawn(probe_database(db, health.clone(), self.served.clone())));
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(socle_proto::FILE_DESCRIPTOR_SET)
@@ -228,9 +239,54 @@ impl ServiceHost {
                 tracing::warn!("shutdown grace period elapsed, closing remaining calls");
             }
         }
+        if let Some(probe) = probe {
+            probe.abort();
+        }
         tracing::info!(service = self.name, "stopped");
         Ok(())
     }
+}
+
+async fn probe_database(db: socle_db::Database, health: tonic_health::server::HealthReporter, served: Vec<&'static str>) {
+    let mut serving = true;
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let ok = db.ping().await.is_ok();
+        if ok != serving {
+            serving = ok;
+            let status = if ok {
+                tracing::info!("database reachable again: serving");
+                tonic_health::ServingStatus::Serving
+            } else {
+                tracing::warn!("database unreachable: not serving");
+                tonic_health::ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            for name in &served {
+                health.set_service_status(*name, status).await;
+            }
+        }
+    }
+}
+
+/// Registers tonic servers whose every RPC answers `UNIMPLEMENTED` (the
+/// generated default bodies) until the service implements them.
+///
+/// ```ignore
+/// let host = socle_server::unimplemented_services!(host,
+///     organization_service_server::{OrganizationServiceServer, OrganizationService},
+/// );
+/// ```
+#[macro_export]
+macro_rules! unimplemented_services {
+    ($host:expr, $($module:ident :: { $server:ident, $service:ident }),+ $(,)?) => {{
+        #[derive(Debug, Clone, Copy)]
+        struct Unimplemented;
+        $( impl $module::$service for Unimplemented {} )+
+        let host = $host;
+        $( let host = host.add_service($module::$server::new(Unimplemented)); )+
+        host
+    }};
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

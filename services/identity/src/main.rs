@@ -1,0 +1,3 @@
+fn main() -> anyhow::Result<()> {
+    socle_server::run_main(socle_identity::NAME, socle_identity::run, socle_identity::migrate)
+}

@@ -1,0 +1,36 @@
+//! Tenancy: the entity tree, roles, grants and access decisions.
+//!
+//! The service's contract is `socle.tenancy.v1` (see `proto/socle/tenancy/v1/`).
+//! Every RPC already exists, guarded by the authorization layer; those not
+//! implemented yet answer `UNIMPLEMENTED`.
+
+use socle_db::{EmbeddedMigrations, embed_migrations};
+use socle_proto::socle::tenancy::v1::*;
+use socle_server::{MigrateFuture, ServerError, ServiceConfig, ServiceContext, ServiceHost};
+
+/// The service name (logs, metrics, health).
+pub const NAME: &str = "tenancy";
+
+/// The embedded migrations of the service database.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// Runs the service until `ctx.shutdown` resolves.
+pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
+    let database = socle_server::open_database(&ctx.config.database, &ctx.secrets, MIGRATIONS).await?;
+    let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
+        .authorizer(ctx.authorizer)
+        .readiness_database(database);
+    let host = socle_server::unimplemented_services!(
+        host,
+        access_service_server::{AccessServiceServer, AccessService},
+        entity_service_server::{EntityServiceServer, EntityService},
+        grant_service_server::{GrantServiceServer, GrantService},
+        role_service_server::{RoleServiceServer, RoleService},
+    );
+    host.serve(ctx.listener, ctx.shutdown).await
+}
+
+/// Runs the migrations only (`tenancy migrate`, the deployment job).
+pub fn migrate(config: ServiceConfig, secrets: socle_server::SecretResolver) -> MigrateFuture {
+    Box::pin(async move { socle_server::migrate_only(&config.database, &secrets, MIGRATIONS).await })
+}
