@@ -109,6 +109,7 @@ pub struct Error {
     reason: Option<String>,
     violations: Vec<FieldViolation>,
     metadata: HashMap<String, String>,
+    details: Vec<prost_types::Any>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -121,6 +122,7 @@ impl Error {
             reason: None,
             violations: Vec::new(),
             metadata: HashMap::new(),
+            details: Vec::new(),
             source: None,
         }
     }
@@ -190,6 +192,17 @@ impl Error {
         self
     }
 
+    /// Attaches a service-specific detail message (e.g. the duplicate
+    /// candidates of a refused create). The edge renders such details in the
+    /// problem document's `details` member.
+    pub fn with_detail<M: prost::Name>(mut self, message: &M) -> Self {
+        self.details.push(prost_types::Any {
+            type_url: M::type_url(),
+            value: message.encode_to_vec(),
+        });
+        self
+    }
+
     /// Attaches an internal cause, logged but never sent to the client.
     pub fn with_source(mut self, source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
         self.source = Some(source.into());
@@ -238,7 +251,15 @@ impl Error {
         if let Some(id) = request_id.filter(|id| !id.is_empty()) {
             details.set_request_info(id, "");
         }
-        tonic::Status::with_error_details(self.code.grpc(), self.message, details)
+        let status = tonic::Status::with_error_details(self.code.grpc(), self.message, details);
+        if self.details.is_empty() {
+            return status;
+        }
+        // Standard details are encoded by tonic-types; ours are appended.
+        use prost::Message;
+        let mut encoded = tonic_types::Status::decode(status.details()).unwrap_or_default();
+        encoded.details.extend(self.details);
+        tonic::Status::with_details(status.code(), status.message(), encoded.encode_to_vec().into())
     }
 }
 
@@ -360,6 +381,9 @@ pub struct Problem {
     /// Field violations, empty unless the request was invalid.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub violations: Vec<ProblemViolation>,
+    /// Service-specific details in proto3 JSON, each with its `@type`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<serde_json::Value>,
 }
 
 impl Problem {
@@ -403,7 +427,22 @@ impl Problem {
             reason,
             request_id,
             violations,
+            details: Vec::new(),
         }
+    }
+
+    /// The service-specific (non `google.rpc`) details of a status, to be
+    /// rendered by a caller that knows their types.
+    pub fn custom_details(status: &tonic::Status) -> Vec<prost_types::Any> {
+        use prost::Message;
+        tonic_types::Status::decode(status.details())
+            .map(|s| {
+                s.details
+                    .into_iter()
+                    .filter(|any| !any.type_url.contains("/google.rpc."))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Serialises the document.

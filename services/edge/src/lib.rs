@@ -45,6 +45,10 @@ pub struct EdgeServerSettings {
     pub max_body_bytes: usize,
     /// Upper bound of a REST call, in milliseconds.
     pub request_timeout_ms: u64,
+    /// Largest accepted upload (client-streaming RPCs such as CSV imports), in bytes.
+    pub max_upload_bytes: usize,
+    /// Upper bound of an upload, in milliseconds.
+    pub upload_timeout_ms: u64,
 }
 
 impl Default for EdgeServerSettings {
@@ -53,6 +57,8 @@ impl Default for EdgeServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 1024 * 1024,
             request_timeout_ms: 30_000,
+            max_upload_bytes: 64 * 1024 * 1024,
+            upload_timeout_ms: 600_000,
         }
     }
 }
@@ -115,6 +121,12 @@ pub struct EdgeState {
     pub max_body_bytes: usize,
     /// REST call timeout.
     pub timeout: Duration,
+    /// Upload limit.
+    pub max_upload_bytes: usize,
+    /// Upload timeout.
+    pub upload_timeout: Duration,
+    /// The descriptors (to render error details).
+    pub pool: DescriptorPool,
     openapi: bytes::Bytes,
     docs: bytes::Bytes,
 }
@@ -176,6 +188,9 @@ pub fn router(pool: &DescriptorPool, config: &EdgeConfig) -> Result<Router, Edge
         upstreams: upstreams.clone(),
         max_body_bytes: config.server.max_body_bytes,
         timeout: Duration::from_millis(config.server.request_timeout_ms),
+        max_upload_bytes: config.server.max_upload_bytes,
+        upload_timeout: Duration::from_millis(config.server.upload_timeout_ms),
+        pool: pool.clone(),
         openapi: serde_json::to_vec(&document).expect("serialisable").into(),
         docs: docs.into(),
     });
@@ -279,9 +294,18 @@ fn cors(settings: &CorsSettings) -> Result<CorsLayer, EdgeError> {
         .max_age(Duration::from_secs(settings.max_age_secs)))
 }
 
+pub use axum::Router as AxumRouter;
+
 /// Serves the edge on `listener` until `shutdown`.
 pub async fn serve(pool: &DescriptorPool, config: &EdgeConfig, listener: TcpListener, shutdown: Shutdown) -> Result<(), EdgeError> {
     let app = router(pool, config)?;
+    serve_router(listener, app, shutdown).await?;
+    Ok(())
+}
+
+/// Serves an edge router (HTTP/1.1 and HTTP/2 cleartext) until `shutdown`,
+/// then lets in-flight requests finish.
+pub async fn serve_router(listener: TcpListener, app: Router, shutdown: Shutdown) -> std::io::Result<()> {
     let address = listener.local_addr()?;
     tracing::info!(%address, "edge serving");
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())

@@ -335,7 +335,11 @@ fn route(method: &MethodDescriptor, rule: &HttpRule, public: bool, permission: O
         return Err(format!("{rpc}: {verb} cannot have a body"));
     }
     if method.is_client_streaming() {
-        return Err(format!("{rpc}: client-streaming RPCs are served on gRPC and gRPC-web only; remove the http rule"));
+        // An upload: the raw HTTP body is streamed into a bytes field.
+        let is_bytes = matches!(&body, BodyRule::Field(f) if f.kind() == Kind::Bytes && !f.is_list());
+        if !is_bytes {
+            return Err(format!("{rpc}: a client-streaming RPC needs `body` naming a bytes field (the upload)"));
+        }
     }
     let response_body = match rule.response_body.as_str() {
         "" => None,

@@ -5,8 +5,6 @@
 //! the response rendered in proto3 JSON (int64 as strings, enums as names,
 //! timestamps in RFC 3339).
 
-use std::time::Duration;
-
 use axum::body::Body;
 use bytes::{Buf, BufMut, Bytes};
 use futures::StreamExt;
@@ -14,7 +12,8 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::BodyExt;
 use prost::Message;
 use prost_reflect::{
-    Cardinality, DeserializeOptions, DynamicMessage, Kind, MessageDescriptor, SerializeOptions,
+    Cardinality, DescriptorPool, DeserializeOptions, DynamicMessage, Kind, MessageDescriptor, ReflectMessage,
+    SerializeOptions,
 };
 use serde_json::{Map, Value as Json};
 use socle_errors::{Code, Error, Problem, reason};
@@ -35,13 +34,29 @@ pub async fn handle(state: &EdgeState, request: http::Request<Body>) -> http::Re
     let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone());
     match transcode(state, request).await {
         Ok(response) => response,
-        Err(status) => problem_response(&status, request_id.as_deref()),
+        Err(status) => problem_response(&state.pool, &status, request_id.as_deref()),
     }
 }
 
+/// The problem document of a status, with its service-specific details
+/// rendered in proto3 JSON when their types are in `pool`.
+pub fn problem(pool: &DescriptorPool, status: &tonic::Status, request_id: Option<&str>) -> Problem {
+    let mut problem = Problem::from_status(status, request_id);
+    for any in Problem::custom_details(status) {
+        let name = any.type_url.rsplit('/').next().unwrap_or("");
+        let Some(descriptor) = pool.get_message_by_name(name) else { continue };
+        let Ok(message) = DynamicMessage::decode(descriptor, any.value.as_slice()) else { continue };
+        if let Ok(Json::Object(mut map)) = serde_json::to_value(&message) {
+            map.insert("@type".into(), Json::String(any.type_url.clone()));
+            problem.details.push(Json::Object(map));
+        }
+    }
+    problem
+}
+
 /// Renders a status as `application/problem+json`.
-pub fn problem_response(status: &tonic::Status, request_id: Option<&str>) -> http::Response<Body> {
-    let problem = Problem::from_status(status, request_id);
+pub fn problem_response(pool: &DescriptorPool, status: &tonic::Status, request_id: Option<&str>) -> http::Response<Body> {
+    let problem = problem(pool, status, request_id);
     let mut response = http::Response::new(Body::from(problem.to_json()));
     *response.status_mut() = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response
@@ -52,6 +67,23 @@ pub fn problem_response(status: &tonic::Status, request_id: Option<&str>) -> htt
 
 fn status(error: Error, request_id: Option<&str>) -> tonic::Status {
     error.into_status(request_id)
+}
+
+/// Statuses made by the gRPC client itself (not by the upstream) carry
+/// transport details: replace them with our own.
+fn upstream_status(status: tonic::Status, rid: Option<&str>) -> tonic::Status {
+    let from_upstream = !status.details().is_empty() || status.metadata().get("content-type").is_some();
+    match status.code() {
+        // The client-side deadline of the call.
+        tonic::Code::Cancelled if status.message().contains("Timeout expired") => {
+            self::status(Error::new(Code::DeadlineExceeded, "the upstream did not answer in time"), rid)
+        }
+        tonic::Code::Unavailable | tonic::Code::Unknown if !from_upstream => {
+            tracing::warn!(error = %status.message(), "upstream call failed");
+            self::status(Error::unavailable("the service is unavailable, retry later"), rid)
+        }
+        _ => status,
+    }
 }
 
 async fn transcode(state: &EdgeState, request: http::Request<Body>) -> Result<http::Response<Body>, tonic::Status> {
@@ -78,6 +110,9 @@ async fn transcode(state: &EdgeState, request: http::Request<Body>) -> Result<ht
     };
 
     let input = route.method.input();
+    if route.method.is_client_streaming() {
+        return upload(state, &parts, body, route, vars, rid).await;
+    }
     let body = read_body(state, &parts.headers, &route.body, body, rid).await?;
     let mut object = match (&route.body, body) {
         (BodyRule::None, _) | (_, None) => Map::new(),
@@ -112,7 +147,7 @@ async fn transcode(state: &EdgeState, request: http::Request<Body>) -> Result<ht
     let codec = DynamicCodec(route.method.output());
 
     if route.method.is_server_streaming() {
-        return stream_response(state.timeout, upstream, grpc_request, path, codec, route, rid).await;
+        return stream_response(state, upstream, grpc_request, path, codec, route, rid).await;
     }
     let mut grpc = tonic::client::Grpc::new(upstream);
     let call = async {
@@ -120,7 +155,7 @@ async fn transcode(state: &EdgeState, request: http::Request<Body>) -> Result<ht
         grpc.unary(grpc_request, path, codec).await
     };
     let response = match tokio::time::timeout(state.timeout, call).await {
-        Ok(result) => result?,
+        Ok(result) => result.map_err(|s| upstream_status(s, rid))?,
         Err(_) => return Err(status(Error::new(Code::DeadlineExceeded, "the upstream did not answer in time"), rid)),
     };
     let message = response.into_inner();
@@ -131,7 +166,7 @@ async fn transcode(state: &EdgeState, request: http::Request<Body>) -> Result<ht
 }
 
 async fn stream_response(
-    timeout: Duration,
+    state: &EdgeState,
     upstream: Upstream,
     request: tonic::Request<DynamicMessage>,
     path: http::uri::PathAndQuery,
@@ -144,10 +179,23 @@ async fn stream_response(
         grpc.ready().await.map_err(|e| tonic::Status::unavailable(format!("upstream unavailable: {e}")))?;
         grpc.server_streaming(request, path, codec).await
     };
-    let stream = match tokio::time::timeout(timeout, call).await {
-        Ok(result) => result?.into_inner(),
+    let mut stream = match tokio::time::timeout(state.timeout, call).await {
+        Ok(result) => result.map_err(|s| upstream_status(s, rid))?.into_inner(),
         Err(_) => return Err(status(Error::new(Code::DeadlineExceeded, "the upstream did not answer in time"), rid)),
     };
+    if let Some(field) = route.response_body.as_ref().filter(|f| f.kind() == Kind::Bytes) {
+        return raw_download(state, &mut stream, field.clone(), rid).await.map(|(mut response, first)| {
+            let (head, field) = first;
+            // An error after the first bytes can only cut the download short:
+            // the status line is already sent.
+            let rest = stream.map(move |item| {
+                item.map(|m| chunk_of(&m, &field)).map_err(|s| std::io::Error::other(s.message().to_owned()))
+            });
+            let body = futures::stream::once(async move { Ok::<_, std::io::Error>(head) }).chain(rest);
+            *response.body_mut() = Body::from_stream(body);
+            response
+        });
+    }
     let route = route.clone();
     let request_id = rid.map(str::to_owned);
     // One JSON document per line; an error after the first message becomes
@@ -172,6 +220,153 @@ async fn stream_response(
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
     Ok(response)
+}
+
+/// A download: the bytes field named by `response_body` of every streamed
+/// message, concatenated. The first message's `content_type` and `filename`
+/// fields, when the response declares them, set the HTTP headers.
+async fn raw_download(
+    state: &EdgeState,
+    stream: &mut tonic::Streaming<DynamicMessage>,
+    field: prost_reflect::FieldDescriptor,
+    rid: Option<&str>,
+) -> Result<(http::Response<Body>, (Bytes, prost_reflect::FieldDescriptor)), tonic::Status> {
+    let first = match tokio::time::timeout(state.timeout, stream.message()).await {
+        Ok(Ok(first)) => first,
+        Ok(Err(status)) => return Err(status),
+        Err(_) => return Err(status(Error::new(Code::DeadlineExceeded, "the upstream did not answer in time"), rid)),
+    };
+    let mut response = http::Response::new(Body::empty());
+    let text = |name: &str| {
+        first.as_ref().and_then(|m| {
+            let f = m.descriptor().get_field_by_name(name)?;
+            m.get_field(&f).as_str().filter(|s| !s.is_empty()).map(str::to_owned)
+        })
+    };
+    let content_type = text("content_type").unwrap_or_else(|| "application/octet-stream".into());
+    if let Ok(value) = HeaderValue::from_str(&content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    if let Some(filename) = text("filename") {
+        let safe: String = filename.chars().filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\').collect();
+        if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"{safe}\"")) {
+            response.headers_mut().insert(header::CONTENT_DISPOSITION, value);
+        }
+    }
+    let bytes = first.as_ref().map(|m| chunk_of(m, &field)).unwrap_or_default();
+    Ok((response, (bytes, field)))
+}
+
+fn chunk_of(message: &DynamicMessage, field: &prost_reflect::FieldDescriptor) -> Bytes {
+    message.get_field(field).as_bytes().cloned().unwrap_or_default()
+}
+
+/// An upload: the message fields come from the path and the query string;
+/// the raw HTTP body is streamed into the route's bytes field, at most
+/// 1 MiB per message. A body over the upload limit cancels the call, so the
+/// upstream never sees a truncated file as complete.
+async fn upload(
+    state: &EdgeState,
+    parts: &http::request::Parts,
+    body: Body,
+    route: &Route,
+    vars: Vec<(String, String)>,
+    rid: Option<&str>,
+) -> Result<http::Response<Body>, tonic::Status> {
+    const CHUNK: usize = 1024 * 1024;
+    let BodyRule::Field(field) = &route.body else { unreachable!("checked when the route was built") };
+    let too_large = || {
+        status(
+            Error::invalid_argument(format!("the upload exceeds {} bytes", state.max_upload_bytes))
+                .with_reason(reason::PAYLOAD_TOO_LARGE),
+            rid,
+        )
+    };
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > state.max_upload_bytes) {
+        return Err(too_large());
+    }
+    let input = route.method.input();
+    let mut object = Map::new();
+    bind_query(&input, parts.uri.query().unwrap_or(""), route, &mut object).map_err(|e| status(e, rid))?;
+    bind_path(&input, vars, &mut object).map_err(|e| status(e, rid))?;
+    let first = DynamicMessage::deserialize_with_options(input.clone(), Json::Object(object), &DeserializeOptions::new())
+        .map_err(|e| status(Error::invalid_argument(format!("invalid request: {e}")), rid))?;
+
+    let (overflow_tx, overflow_rx) = tokio::sync::oneshot::channel::<tonic::Status>();
+    let limit = state.max_upload_bytes;
+    let field = field.clone();
+    let messages = futures::stream::unfold(
+        (body.into_data_stream(), Some(first), 0usize, Some(overflow_tx), Bytes::new()),
+        move |(mut data, mut first, mut total, mut overflow, mut pending)| {
+            let field = field.clone();
+            let input = input.clone();
+            async move {
+                loop {
+                    if !pending.is_empty() {
+                        let piece = pending.split_to(pending.len().min(CHUNK));
+                        let mut message = first.take().unwrap_or_else(|| DynamicMessage::new(input.clone()));
+                        message.set_field(&field, prost_reflect::Value::Bytes(piece));
+                        return Some((message, (data, first, total, overflow, pending)));
+                    }
+                    match data.next().await {
+                        Some(Ok(bytes)) => {
+                            total += bytes.len();
+                            if total > limit {
+                                if let Some(tx) = overflow.take() {
+                                    let _ = tx.send(tonic::Status::invalid_argument("upload too large"));
+                                }
+                                // Never end the stream: the call is cancelled instead.
+                                futures::future::pending::<()>().await;
+                            }
+                            pending = bytes;
+                        }
+                        Some(Err(_)) => {
+                            if let Some(tx) = overflow.take() {
+                                let _ = tx.send(tonic::Status::invalid_argument("the upload was interrupted"));
+                            }
+                            futures::future::pending::<()>().await;
+                        }
+                        None => {
+                            // An empty upload still sends its first message.
+                            return first.take().map(|m| (m, (data, None, total, overflow, pending)));
+                        }
+                    }
+                }
+            }
+        },
+    );
+    let upstream = state
+        .upstreams
+        .for_service(route.method.parent_service().full_name())
+        .ok_or_else(|| status(Error::unavailable("no upstream serves this API"), rid))?;
+    let mut request = tonic::Request::new(messages);
+    forward_headers(&parts.headers, request.metadata_mut());
+    request.set_timeout(state.upload_timeout);
+    let path: http::uri::PathAndQuery = route.grpc_path().parse().expect("valid gRPC path");
+    let codec = DynamicCodec(route.method.output());
+    let mut grpc = tonic::client::Grpc::new(upstream);
+    let call = async {
+        grpc.ready().await.map_err(|e| tonic::Status::unavailable(format!("upstream unavailable: {e}")))?;
+        grpc.client_streaming(request, path, codec).await
+    };
+    let response = tokio::select! {
+        result = tokio::time::timeout(state.upload_timeout, call) => match result {
+            Ok(result) => result.map_err(|s| upstream_status(s, rid))?,
+            Err(_) => return Err(status(Error::new(Code::DeadlineExceeded, "the upload took too long"), rid)),
+        },
+        Ok(problem) = overflow_rx => {
+            return Err(if problem.message() == "upload too large" {
+                too_large()
+            } else {
+                status(Error::invalid_argument(problem.message().to_owned()), rid)
+            });
+        }
+    };
+    let json = render(&response.into_inner(), route).map_err(|e| status(Error::internal(e), rid))?;
+    let mut http_response = http::Response::new(Body::from(json));
+    http_response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(http_response)
 }
 
 fn render(message: &DynamicMessage, route: &Route) -> Result<Vec<u8>, serde_json::Error> {
