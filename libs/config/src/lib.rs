@@ -356,7 +356,7 @@ fn describe_vault_error(error: &vaultrs::error::ClientError) -> String {
         E::APIError { code, .. } if *code == 404 => "not found".into(),
         E::APIError { code, .. } if *code == 403 => "permission denied (check the token and its policy)".into(),
         E::APIError { code, .. } => format!("vault answered HTTP {code}"),
-        E::RestClientError { .. } => "vault is unreachable".into(),
+        E::RestClientError { .. } => "vault is unreachable or answered unexpectedly".into(),
         E::JsonParseError { .. } => "unexpected response from vault".into(),
         _ => "vault request failed".into(),
     }

@@ -186,12 +186,16 @@ impl ServiceHost {
         health.set_service_status("", tonic_health::ServingStatus::Serving).await;
         let probe = self.database.map(|db| tokio::spawn(probe_database(db, health.clone(), self.served.clone())));
 
+        // Reflection describes what this server serves, not every contract.
+        let descriptors = served_descriptor_set(self.pool, &self.served);
         let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(socle_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(&descriptors)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServerError::Other(format!("reflection: {e}")))?;
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(socle_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(&descriptors)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| ServerError::Other(format!("reflection: {e}")))?;
 
@@ -245,6 +249,21 @@ impl ServiceHost {
         tracing::info!(service = self.name, "stopped");
         Ok(())
     }
+}
+
+/// The pool's files with only the services in `served` left in them.
+fn served_descriptor_set(pool: &DescriptorPool, served: &[&'static str]) -> Vec<u8> {
+    use prost::Message;
+    let file = pool
+        .file_descriptor_protos()
+        .map(|file| {
+            let mut file = file.clone();
+            let package = file.package().to_owned();
+            file.service.retain(|s| served.contains(&format!("{package}.{}", s.name()).as_str()));
+            file
+        })
+        .collect();
+    prost_types::FileDescriptorSet { file }.encode_to_vec()
 }
 
 async fn probe_database(db: socle_db::Database, health: tonic_health::server::HealthReporter, served: Vec<&'static str>) {

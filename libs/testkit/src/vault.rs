@@ -4,6 +4,12 @@
 //!
 //! The binary is found in `SOCLE_RVAULT`, on `PATH`, or in `.tools/bin/`
 //! (`cargo xtask test` installs it there when missing).
+//!
+//! One gap is bridged: RustyVault's responses lack the `request_id` member
+//! that HashiCorp Vault always sends and that `vaultrs` requires. Clients
+//! therefore talk to a small pass-through proxy that adds an empty
+//! `request_id` to JSON responses and changes nothing else; everything
+//! behind it (tokens, policies' absence, KV storage) is RustyVault's.
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
@@ -11,8 +17,10 @@ use anyhow::Context;
 
 /// A running `rvault`, killed on drop.
 pub struct Vault {
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` of the compatibility proxy (give this to clients).
     pub address: String,
+    /// `http://127.0.0.1:<port>` of RustyVault itself.
+    pub server_address: String,
     /// The root token.
     pub token: String,
     child: tokio::process::Child,
@@ -84,8 +92,10 @@ impl Vault {
             .send()
             .await?
             .error_for_status()?;
+        let proxy = spawn_proxy(address.clone()).await?;
         Ok(Vault {
-            address,
+            address: proxy,
+            server_address: address,
             token,
             child,
             _dir: dir,
@@ -95,7 +105,7 @@ impl Vault {
     /// Writes a KV v1 secret at `secret/<path>`.
     pub async fn put(&self, path: &str, values: serde_json::Value) -> anyhow::Result<()> {
         reqwest::Client::new()
-            .post(format!("{}/v1/secret/{path}", self.address))
+            .post(format!("{}/v1/secret/{path}", self.server_address))
             .header("X-Vault-Token", &self.token)
             .json(&values)
             .send()
@@ -109,4 +119,48 @@ impl Drop for Vault {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
     }
+}
+
+async fn spawn_proxy(upstream: String) -> anyhow::Result<String> {
+    use axum::{body::Body, extract::Request, response::Response};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = format!("http://{}", listener.local_addr()?);
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |request: Request| {
+        let http = http.clone();
+        let upstream = upstream.clone();
+        async move {
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, 16 * 1024 * 1024).await.unwrap_or_default();
+            let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            let mut forward = http.request(parts.method.clone(), format!("{upstream}{path}")).body(body);
+            for (name, value) in &parts.headers {
+                if name != "host" && name != "content-length" {
+                    forward = forward.header(name, value);
+                }
+            }
+            let reply = match forward.send().await {
+                Ok(reply) => reply,
+                Err(_) => return Response::builder().status(502).body(Body::empty()).unwrap(),
+            };
+            let status = reply.status();
+            let bytes = reply.bytes().await.unwrap_or_default();
+            let bytes = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(serde_json::Value::Object(mut map)) if status.is_success() => {
+                    map.entry("request_id").or_insert_with(|| serde_json::Value::String(String::new()));
+                    serde_json::to_vec(&map).unwrap_or_default().into()
+                }
+                _ => bytes,
+            };
+            Response::builder()
+                .status(status.as_u16())
+                .header("content-type", "application/json")
+                .body(Body::from(bytes))
+                .unwrap()
+        }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(address)
 }

@@ -1,0 +1,109 @@
+//! The shared tower stack, exercised over real gRPC on the example contract.
+
+use std::time::Duration;
+
+use socle_server::ServerSettings;
+use socle_testkit::example::spawn_example;
+use socle_testproto::socle::example::v1::{
+    ForgottenRuleRequest, GetWidgetRequest, SleepRequest, example_service_client::ExampleServiceClient,
+};
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+async fn client(settings: ServerSettings) -> (socle_testkit::example::RunningExample, ExampleServiceClient<Channel>) {
+    let server = spawn_example(settings).await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(server.url()).unwrap().connect().await.unwrap();
+    (server, ExampleServiceClient::new(channel))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_rpc_without_access_rule_never_reaches_its_handler() {
+    let (_server, mut client) = client(ServerSettings::default()).await;
+    let status = client.forgotten_rule(ForgottenRuleRequest {}).await.unwrap_err();
+    // The handler would answer INTERNAL; the layer answers first.
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(status.get_error_details().error_info().unwrap().reason, "ACCESS_RULE_MISSING");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn declared_rpcs_pass_and_carry_a_request_id() {
+    let (_server, mut client) = client(ServerSettings::default()).await;
+    let mut request = tonic::Request::new(GetWidgetRequest {
+        widget_id: "a".into(),
+        ..Default::default()
+    });
+    request.metadata_mut().insert("x-request-id", "abc-123".parse().unwrap());
+    let response = client.get_widget(request).await.unwrap();
+    assert_eq!(response.metadata().get("x-request-id").unwrap(), "abc-123");
+    // Without one, the server mints one.
+    let response = client.get_widget(GetWidgetRequest::default()).await.unwrap();
+    assert!(!response.metadata().get("x-request-id").unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_over_the_concurrency_limit_are_shed_not_queued() {
+    let settings = ServerSettings {
+        max_in_flight: 1,
+        ..Default::default()
+    };
+    let (_server, client) = client(settings).await;
+    let mut slow = client.clone();
+    let first = tokio::spawn(async move { slow.sleep(SleepRequest { millis: 800 }).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut other = client.clone();
+    let shed = other.sleep(SleepRequest { millis: 0 }).await.unwrap_err();
+    assert_eq!(shed.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(shed.get_error_details().error_info().unwrap().reason, "OVERLOADED");
+    assert!(first.await.unwrap().is_ok(), "the call in flight completes");
+    // Capacity is back once it finished.
+    other.sleep(SleepRequest { millis: 0 }).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_longer_than_the_server_timeout_are_deadline_exceeded() {
+    let settings = ServerSettings {
+        request_timeout_ms: 100,
+        ..Default::default()
+    };
+    let (_server, mut client) = client(settings).await;
+    let status = client.sleep(SleepRequest { millis: 2_000 }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_lists_the_served_contracts() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let server = spawn_example(ServerSettings::default()).await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(server.url()).unwrap().connect().await.unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.iter().any(|n| n == "grpc.health.v1.Health"), "{names:?}");
+    assert!(names.iter().any(|n| n == "socle.example.v1.ExampleService"), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("socle.crm")), "only what this server serves: {names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_drains_the_call_in_flight() {
+    let (server, client) = client(ServerSettings::default()).await;
+    let mut slow = client.clone();
+    let in_flight = tokio::spawn(async move { slow.sleep(SleepRequest { millis: 500 }).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(server); // sends the shutdown signal
+    assert!(in_flight.await.unwrap().is_ok(), "the in-flight call completes during the drain");
+}
