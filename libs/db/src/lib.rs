@@ -236,6 +236,9 @@ impl From<DbError> for Error {
                     DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => {
                         Error::unavailable("the database connection was lost, retry")
                     }
+                    _ if info.message().contains("deadlock detected") => {
+                        Error::new(Code::Aborted, "concurrent update, retry the request")
+                    }
                     _ if info.message().contains("row-level security") => {
                         Error::permission_denied("the record belongs to an entity outside your scope")
                     }
