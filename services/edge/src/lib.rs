@@ -165,6 +165,25 @@ pub fn router(pool: &DescriptorPool, config: &EdgeConfig) -> Result<Router, Edge
     // The edge answers health itself, aggregating the upstreams.
     let health = tonic_health::pb::health_server::HealthServer::new(health::EdgeHealth::new(upstreams.clone()));
     upstreams.insert("grpc.health.v1.Health", upstream::boxed(health));
+    // And gRPC reflection over everything it routes, so that `buf curl` or
+    // `grpcurl` need no local schema.
+    let descriptors = {
+        use prost::Message;
+        prost_types::FileDescriptorSet {
+            file: pool.file_descriptor_protos().cloned().collect(),
+        }
+        .encode_to_vec()
+    };
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(&descriptors)
+        .build_v1()
+        .map_err(|e| EdgeError::Setup(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(&descriptors)
+        .build_v1alpha()
+        .map_err(|e| EdgeError::Setup(format!("reflection: {e}")))?;
+    upstreams.insert("grpc.reflection.v1.ServerReflection", upstream::boxed(reflection_v1));
+    upstreams.insert("grpc.reflection.v1alpha.ServerReflection", upstream::boxed(reflection_v1alpha));
 
     let mut extra = vec![ExtraHttpRule {
         selector: "grpc.health.v1.Health.Check".into(),
