@@ -46,17 +46,14 @@ pub fn generate(
 
     // The encoded set keeps custom options (our `socle.api.v1.*` method
     // options) that a round-trip through `prost_types` would drop.
-    std::fs::write(out_dir.join(descriptor_name), compiler.encode_file_descriptor_set())
-        .expect("write descriptor set");
+    std::fs::write(out_dir.join(descriptor_name), compiler.encode_file_descriptor_set()).expect("write descriptor set");
 
     // Every file goes in (prost needs the whole message graph); types under
     // an extern path (well-known types → prost-types, `extern_paths`) are
     // referenced, not generated.
     let fds = compiler.file_descriptor_set();
-    let mut builder = tonic_prost_build::configure()
-        .generate_default_stubs(true)
-        .include_file(include_file)
-        .out_dir(&out_dir);
+    let mut builder =
+        tonic_prost_build::configure().generate_default_stubs(true).include_file(include_file).out_dir(&out_dir);
     for (proto, rust) in extern_paths {
         builder = builder.extern_path(*proto, *rust);
     }

@@ -382,10 +382,7 @@ async fn test(args: Vec<String>) -> anyhow::Result<()> {
     } else {
         command.args(["test", "--workspace", "--no-fail-fast"]);
     }
-    command
-        .args(&args)
-        .env("SOCLE_TEST_PG_URL", &pg.admin_url)
-        .env("SOCLE_RVAULT", &rvault);
+    command.args(&args).env("SOCLE_TEST_PG_URL", &pg.admin_url).env("SOCLE_RVAULT", &rvault);
     let status = command.status()?;
     // Leave nothing behind on a shared cluster.
     let _ = postgres::drop_test_leftovers(&pg.admin_url).await;
@@ -416,9 +413,7 @@ fn lint(against: Option<String>) -> anyhow::Result<()> {
     check(Command::new(&buf).arg("lint").current_dir(&root).status()?, "buf lint")?;
     breaking(&root, &buf, against)?;
     check(
-        cargo()
-            .args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])
-            .status()?,
+        cargo().args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"]).status()?,
         "cargo clippy",
     )?;
     println!("xtask: lint passed");
@@ -443,7 +438,8 @@ fn breaking(root: &Path, buf: &Path, against: Option<String>) -> anyhow::Result<
         println!("xtask: buf breaking skipped: no earlier commit to compare with");
         return Ok(());
     };
-    let has_protos = git(&["ls-tree", "-r", "--name-only", &reference, "proto/socle"]).is_some_and(|l| l.contains(".proto"));
+    let has_protos =
+        git(&["ls-tree", "-r", "--name-only", &reference, "proto/socle"]).is_some_and(|l| l.contains(".proto"));
     if !has_protos {
         println!("xtask: buf breaking skipped: {reference} has no contracts yet");
         return Ok(());
@@ -451,8 +447,5 @@ fn breaking(root: &Path, buf: &Path, against: Option<String>) -> anyhow::Result<
     let commit = git(&["rev-parse", &reference]).context("cannot resolve the reference")?;
     println!("xtask: buf breaking against {reference} ({})", &commit[..12]);
     let against = format!(".git#ref={commit}");
-    check(
-        Command::new(buf).args(["breaking", "--against", &against]).current_dir(root).status()?,
-        "buf breaking",
-    )
+    check(Command::new(buf).args(["breaking", "--against", &against]).current_dir(root).status()?, "buf breaking")
 }

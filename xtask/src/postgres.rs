@@ -31,7 +31,8 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         if let Some(cluster) = &self.private {
             println!("xtask: stopping the private PostgreSQL cluster");
-            let _ = run_as(&cluster.run_as, &cluster.pg_ctl, &["-D", path_str(&cluster.data), "-m", "fast", "-w", "stop"]);
+            let _ =
+                run_as(&cluster.run_as, &cluster.pg_ctl, &["-D", path_str(&cluster.data), "-m", "fast", "-w", "stop"]);
         }
     }
 }
@@ -41,9 +42,7 @@ fn path_str(path: &Path) -> &str {
 }
 
 async fn answers(url: &str) -> bool {
-    tokio::time::timeout(Duration::from_secs(3), socle_db::admin::connect(url))
-        .await
-        .is_ok_and(|r| r.is_ok())
+    tokio::time::timeout(Duration::from_secs(3), socle_db::admin::connect(url)).await.is_ok_and(|r| r.is_ok())
 }
 
 /// Finds or starts a cluster.
@@ -51,10 +50,7 @@ pub async fn ensure(root: &Path) -> anyhow::Result<Postgres> {
     let url = std::env::var("SOCLE_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     if answers(&url).await {
         println!("xtask: using PostgreSQL at {}", redact(&url));
-        return Ok(Postgres {
-            admin_url: url,
-            private: None,
-        });
+        return Ok(Postgres { admin_url: url, private: None });
     }
     println!("xtask: no PostgreSQL at {}; starting a private cluster under .local/pg", redact(&url));
     let bin = server_binaries()?;
@@ -76,10 +72,7 @@ pub async fn ensure(root: &Path) -> anyhow::Result<Postgres> {
         )
         .context("initdb")?;
     }
-    let options = format!(
-        "-p {PRIVATE_PORT} -c listen_addresses=127.0.0.1 -k {} -c fsync=on",
-        path_str(&socket)
-    );
+    let options = format!("-p {PRIVATE_PORT} -c listen_addresses=127.0.0.1 -k {} -c fsync=on", path_str(&socket));
     let log = base.join("server.log");
     run_as(
         &run_as_user,
@@ -90,14 +83,7 @@ pub async fn ensure(root: &Path) -> anyhow::Result<Postgres> {
     let admin_url = format!("postgres://postgres@127.0.0.1:{PRIVATE_PORT}/postgres");
     for _ in 0..50 {
         if answers(&admin_url).await {
-            return Ok(Postgres {
-                admin_url,
-                private: Some(PrivateCluster {
-                    pg_ctl,
-                    data,
-                    run_as: run_as_user,
-                }),
-            });
+            return Ok(Postgres { admin_url, private: Some(PrivateCluster { pg_ctl, data, run_as: run_as_user }) });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -169,18 +155,24 @@ pub async fn drop_test_leftovers(admin_url: &str) -> anyhow::Result<usize> {
         name: String,
     }
     let mut conn = socle_db::admin::connect(admin_url).await?;
-    let databases: Vec<Name> = diesel::sql_query("SELECT datname AS name FROM pg_database WHERE datname LIKE 'socle\\_test\\_%'")
-        .load(&mut conn)
-        .await?;
+    let databases: Vec<Name> =
+        diesel::sql_query("SELECT datname AS name FROM pg_database WHERE datname LIKE 'socle\\_test\\_%'")
+            .load(&mut conn)
+            .await?;
     for db in &databases {
         socle_db::admin::drop_database(&mut conn, &db.name).await?;
     }
-    let roles: Vec<Name> = diesel::sql_query("SELECT rolname AS name FROM pg_roles WHERE rolname LIKE 'socle\\_test\\_%'")
-        .load(&mut conn)
-        .await?;
+    let roles: Vec<Name> =
+        diesel::sql_query("SELECT rolname AS name FROM pg_roles WHERE rolname LIKE 'socle\\_test\\_%'")
+            .load(&mut conn)
+            .await?;
     for role in &roles {
         if socle_db::admin::is_identifier(&role.name) {
-            diesel_async::SimpleAsyncConnection::batch_execute(&mut conn, &format!("DROP ROLE IF EXISTS {}", role.name)).await?;
+            diesel_async::SimpleAsyncConnection::batch_execute(
+                &mut conn,
+                &format!("DROP ROLE IF EXISTS {}", role.name),
+            )
+            .await?;
         }
     }
     Ok(databases.len())

@@ -117,11 +117,7 @@ impl Sources {
 
     /// Sources with only the given file.
     pub fn file(path: impl Into<PathBuf>) -> Self {
-        Sources {
-            file: Some(path.into()),
-            file_required: true,
-            env: Vec::new(),
-        }
+        Sources { file: Some(path.into()), file_required: true, env: Vec::new() }
     }
 
     /// Adds an environment variable (tests).
@@ -308,19 +304,10 @@ impl VaultAccess {
             .address(address.as_str())
             .token(token.expose_secret())
             .build()
-            .map_err(|e| ConfigError::Vault {
-                path: address.clone(),
-                reason: e.to_string(),
-            })?;
-        let client = VaultClient::new(client_settings).map_err(|e| ConfigError::Vault {
-            path: address.clone(),
-            reason: e.to_string(),
-        })?;
-        Ok(Some(VaultAccess {
-            client,
-            mount: settings.mount().to_owned(),
-            kv_version,
-        }))
+            .map_err(|e| ConfigError::Vault { path: address.clone(), reason: e.to_string() })?;
+        let client = VaultClient::new(client_settings)
+            .map_err(|e| ConfigError::Vault { path: address.clone(), reason: e.to_string() })?;
+        Ok(Some(VaultAccess { client, mount: settings.mount().to_owned(), kv_version }))
     }
 
     async fn read(&self, path: &str) -> Result<BTreeMap<String, String>, ConfigError> {
@@ -332,10 +319,8 @@ impl VaultAccess {
             1 => vaultrs::kv1::get(&self.client, mount, path).await,
             _ => vaultrs::kv2::read(&self.client, mount, path).await,
         };
-        let values = result.map_err(|e| ConfigError::Vault {
-            path: format!("{mount}/{path}"),
-            reason: describe_vault_error(&e),
-        })?;
+        let values = result
+            .map_err(|e| ConfigError::Vault { path: format!("{mount}/{path}"), reason: describe_vault_error(&e) })?;
         Ok(values
             .into_iter()
             .map(|(k, v)| {
@@ -379,27 +364,22 @@ impl SecretRef {
     /// Parses a locator.
     pub fn parse(locator: &str) -> Result<Self, String> {
         if let Some(rest) = locator.strip_prefix("vault:") {
-            let (location, key) = rest
-                .split_once('#')
-                .ok_or_else(|| format!("`{locator}`: expected vault:<mount>/<path>#<key>"))?;
-            let (mount, path) = location
-                .split_once('/')
-                .ok_or_else(|| format!("`{locator}`: expected vault:<mount>/<path>#<key>"))?;
+            let (location, key) =
+                rest.split_once('#').ok_or_else(|| format!("`{locator}`: expected vault:<mount>/<path>#<key>"))?;
+            let (mount, path) =
+                location.split_once('/').ok_or_else(|| format!("`{locator}`: expected vault:<mount>/<path>#<key>"))?;
             if mount.is_empty() || path.is_empty() || key.is_empty() {
                 return Err(format!("`{locator}`: expected vault:<mount>/<path>#<key>"));
             }
-            Ok(SecretRef(Locator::Vault {
-                mount: mount.into(),
-                path: path.into(),
-                key: key.into(),
-            }))
+            Ok(SecretRef(Locator::Vault { mount: mount.into(), path: path.into(), key: key.into() }))
         } else if let Some(key) = locator.strip_prefix("file:") {
             if key.is_empty() {
                 return Err(format!("`{locator}`: expected file:<key>"));
             }
             Ok(SecretRef(Locator::File { key: key.into() }))
         } else {
-            Err("a secret must be a locator (`vault:<mount>/<path>#<key>` or `file:<key>`), never a literal value".into())
+            Err("a secret must be a locator (`vault:<mount>/<path>#<key>` or `file:<key>`), never a literal value"
+                .into())
         }
     }
 }
@@ -454,19 +434,12 @@ impl SecretResolver {
             None => None,
             Some(path) => Some((path.clone(), read_secrets_file(&path)?)),
         };
-        Ok(SecretResolver {
-            vault,
-            file,
-            cache: Mutex::new(HashMap::new()),
-        })
+        Ok(SecretResolver { vault, file, cache: Mutex::new(HashMap::new()) })
     }
 
     /// Resolves one secret.
     pub async fn resolve(&self, secret: &SecretRef) -> Result<SecretString, ConfigError> {
-        let missing = |reason: &str| ConfigError::Secret {
-            locator: secret.to_string(),
-            reason: reason.into(),
-        };
+        let missing = |reason: &str| ConfigError::Secret { locator: secret.to_string(), reason: reason.into() };
         match &secret.0 {
             Locator::File { key } => {
                 let (_, values) = self.file.as_ref().ok_or_else(|| missing("no secrets.file is configured"))?;
@@ -501,10 +474,8 @@ impl SecretResolver {
 }
 
 fn read_secrets_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretsFile {
-        path: path.into(),
-        reason: e.kind().to_string(),
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::SecretsFile { path: path.into(), reason: e.kind().to_string() })?;
     let table: toml::Table = text.parse().map_err(|_| ConfigError::SecretsFile {
         path: path.into(),
         // toml's message quotes the offending line, which may hold a secret.
@@ -514,10 +485,7 @@ fn read_secrets_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigErro
         .into_iter()
         .map(|(k, v)| match v {
             toml::Value::String(s) => Ok((k, s)),
-            _ => Err(ConfigError::SecretsFile {
-                path: path.into(),
-                reason: format!("`{k}` must be a string"),
-            }),
+            _ => Err(ConfigError::SecretsFile { path: path.into(), reason: format!("`{k}` must be a string") }),
         })
         .collect()
 }

@@ -5,9 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use socle_config::{
-    ExposeSecret, HasSecretSources, SecretRef, SecretsSettings, Sources, VaultSettings, load,
-};
+use socle_config::{ExposeSecret, HasSecretSources, SecretRef, SecretsSettings, Sources, VaultSettings, load};
 use socle_testkit::vault::Vault;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -29,11 +27,7 @@ struct Server {
 
 impl Default for Server {
     fn default() -> Self {
-        Server {
-            name: "default".into(),
-            port: 0,
-            workers: 0,
-        }
+        Server { name: "default".into(), port: 0, workers: 0 }
     }
 }
 
@@ -73,14 +67,8 @@ async fn defaults_then_file_then_env() {
 #[tokio::test(flavor = "multi_thread")]
 async fn vault_beats_env_beats_file_and_resolves_secrets() {
     let vault = Vault::start().await.expect("rvault starts");
-    vault
-        .put("socle/test/config", serde_json::json!({ "server.port": "3" }))
-        .await
-        .unwrap();
-    vault
-        .put("socle/test/secrets", serde_json::json!({ "db_password": "s3cr3t-from-vault" }))
-        .await
-        .unwrap();
+    vault.put("socle/test/config", serde_json::json!({ "server.port": "3" })).await.unwrap();
+    vault.put("socle/test/secrets", serde_json::json!({ "db_password": "s3cr3t-from-vault" })).await.unwrap();
     let f = file(&format!(
         "[server]\nname = \"from-file\"\nport = 1\nworkers = 1\n\
          [database]\npassword = \"vault:secret/socle/test/secrets#db_password\"\n\
@@ -151,10 +139,8 @@ async fn secret_values_never_reach_logs_debug_or_errors() {
     const SECRET: &str = "Tr0ub4dor&3-never-print";
     let capture = Capture::default();
     let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
+    let subscriber =
+        tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(move || writer.clone()).finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let secrets_file = file(&format!("db_password = \"{SECRET}\"\n"));

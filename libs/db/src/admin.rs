@@ -14,11 +14,7 @@ pub fn is_identifier(name: &str) -> bool {
 }
 
 fn check(name: &str) -> Result<(), DbError> {
-    if is_identifier(name) {
-        Ok(())
-    } else {
-        Err(DbError::Migration(format!("`{name}` is not a valid identifier")))
-    }
+    if is_identifier(name) { Ok(()) } else { Err(DbError::Migration(format!("`{name}` is not a valid identifier"))) }
 }
 
 /// Connects to the maintenance database of a cluster.

@@ -16,8 +16,7 @@ use std::{future::Future, pin::Pin, time::Duration};
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_async::{
-    AnsiTransactionManager, AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection,
-    TransactionManager,
+    AnsiTransactionManager, AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection, TransactionManager,
     pooled_connection::{AsyncDieselConnectionManager, bb8},
 };
 pub use diesel_migrations::{EmbeddedMigrations, embed_migrations};
@@ -210,7 +209,9 @@ impl DbError {
 impl From<DbError> for Error {
     fn from(error: DbError) -> Self {
         match &error {
-            DbError::Pool(_) | DbError::Connect(_) => Error::unavailable("the database is busy, retry later").with_source(error),
+            DbError::Pool(_) | DbError::Connect(_) => {
+                Error::unavailable("the database is busy, retry later").with_source(error)
+            }
             DbError::Query(DieselError::NotFound) => Error::new(Code::NotFound, "not found"),
             DbError::Query(DieselError::DatabaseError(kind, info)) => {
                 let constraint = info.constraint_name().unwrap_or("").to_owned();
@@ -219,10 +220,11 @@ impl From<DbError> for Error {
                         Error::new(Code::AlreadyExists, "a record with the same identity already exists")
                             .with_metadata("constraint", constraint)
                     }
-                    DatabaseErrorKind::ForeignKeyViolation => {
-                        Error::new(Code::FailedPrecondition, "a referenced record does not exist or is still referenced")
-                            .with_metadata("constraint", constraint)
-                    }
+                    DatabaseErrorKind::ForeignKeyViolation => Error::new(
+                        Code::FailedPrecondition,
+                        "a referenced record does not exist or is still referenced",
+                    )
+                    .with_metadata("constraint", constraint),
                     DatabaseErrorKind::CheckViolation | DatabaseErrorKind::NotNullViolation => {
                         let field = info.column_name().unwrap_or(&constraint).to_owned();
                         Error::invalid_field(field, "violates a database constraint")

@@ -4,7 +4,7 @@
 use diesel::{QueryableByName, sql_types::Text};
 use diesel_async::RunQueryDsl;
 use socle_config::SecretString;
-use socle_db::{Database, DbError, EntityScope, EmbeddedMigrations, embed_migrations};
+use socle_db::{Database, DbError, EmbeddedMigrations, EntityScope, embed_migrations};
 use socle_errors::Code;
 use socle_testkit::TestDatabase;
 use uuid::Uuid;
@@ -26,13 +26,15 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     let database = TestDatabase::create("db_rls").await.unwrap();
-    let applied = socle_db::migrate(&SecretString::from(database.owner_url.clone()), MIGRATIONS, Some(&database.app_role))
-        .await
-        .unwrap();
+    let applied =
+        socle_db::migrate(&SecretString::from(database.owner_url.clone()), MIGRATIONS, Some(&database.app_role))
+            .await
+            .unwrap();
     assert_eq!(applied.len(), 1);
-    let db = Database::connect(&SecretString::from(database.app_url_with_password()), 2, std::time::Duration::from_secs(5))
-        .await
-        .unwrap();
+    let db =
+        Database::connect(&SecretString::from(database.app_url_with_password()), 2, std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     db.transaction(&EntityScope::System, |conn| {
         Box::pin(async move {
@@ -79,9 +81,8 @@ async fn a_query_without_entity_filter_sees_only_the_scope() {
 async fn writing_into_another_entity_is_refused_and_rolled_back() {
     let f = fixture().await;
     let b = f.b;
-    let result = f
-        .db
-        .transaction(&EntityScope::entity(f.a), |conn| {
+    let result =
+        f.db.transaction(&EntityScope::entity(f.a), |conn| {
             Box::pin(async move {
                 diesel::sql_query("INSERT INTO things (id, entity_id, label) VALUES ($1, $2, 'intruder')")
                     .bind::<diesel::sql_types::Uuid, _>(Uuid::new_v4())
@@ -101,9 +102,8 @@ async fn writing_into_another_entity_is_refused_and_rolled_back() {
 async fn an_error_rolls_back_the_whole_transaction() {
     let f = fixture().await;
     let a = f.a;
-    let result = f
-        .db
-        .transaction(&EntityScope::entity(a), |conn| {
+    let result =
+        f.db.transaction(&EntityScope::entity(a), |conn| {
             Box::pin(async move {
                 diesel::sql_query("INSERT INTO things (id, entity_id, label) VALUES ($1, $2, 'a3')")
                     .bind::<diesel::sql_types::Uuid, _>(Uuid::new_v4())
@@ -129,9 +129,8 @@ async fn an_error_rolls_back_the_whole_transaction() {
 async fn constraint_violations_map_to_field_errors_without_sql() {
     let f = fixture().await;
     let a = f.a;
-    let result = f
-        .db
-        .transaction(&EntityScope::entity(a), |conn| {
+    let result =
+        f.db.transaction(&EntityScope::entity(a), |conn| {
             Box::pin(async move {
                 diesel::sql_query("INSERT INTO things (id, entity_id, label) VALUES ($1, $2, '')")
                     .bind::<diesel::sql_types::Uuid, _>(Uuid::new_v4())

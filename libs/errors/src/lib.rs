@@ -102,8 +102,10 @@ pub struct FieldViolation {
 }
 
 /// The Socle error. Build it with the constructors, convert it with
-/// [`Error::into_status`].
-pub struct Error {
+/// [`Error::into_status`]. Boxed: errors travel on cold paths, results on hot ones.
+pub struct Error(Box<Inner>);
+
+struct Inner {
     code: Code,
     message: String,
     reason: Option<String>,
@@ -116,7 +118,7 @@ pub struct Error {
 impl Error {
     /// An error with a client-safe message.
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Self {
+        Self(Box::new(Inner {
             code,
             message: message.into(),
             reason: None,
@@ -124,7 +126,7 @@ impl Error {
             metadata: HashMap::new(),
             details: Vec::new(),
             source: None,
-        }
+        }))
     }
 
     /// `INVALID_ARGUMENT` with no violation yet; add them with [`Error::with_violation`].
@@ -144,11 +146,8 @@ impl Error {
 
     /// `ABORTED` because the etag given is not the current one.
     pub fn etag_mismatch() -> Self {
-        Self::new(
-            Code::Aborted,
-            "the resource was modified since it was read: re-read it and retry",
-        )
-        .with_reason(reason::ETAG_MISMATCH)
+        Self::new(Code::Aborted, "the resource was modified since it was read: re-read it and retry")
+            .with_reason(reason::ETAG_MISMATCH)
     }
 
     /// `PERMISSION_DENIED`.
@@ -173,22 +172,19 @@ impl Error {
 
     /// Adds a field violation.
     pub fn with_violation(mut self, field: impl Into<String>, description: impl Into<String>) -> Self {
-        self.violations.push(FieldViolation {
-            field: field.into(),
-            description: description.into(),
-        });
+        self.0.violations.push(FieldViolation { field: field.into(), description: description.into() });
         self
     }
 
     /// Sets the machine-readable reason (`google.rpc.ErrorInfo.reason`).
     pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
-        self.reason = Some(reason.into());
+        self.0.reason = Some(reason.into());
         self
     }
 
     /// Adds a metadata entry to the `ErrorInfo` detail.
     pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.metadata.insert(key.into(), value.into());
+        self.0.metadata.insert(key.into(), value.into());
         self
     }
 
@@ -196,69 +192,66 @@ impl Error {
     /// candidates of a refused create). The edge renders such details in the
     /// problem document's `details` member.
     pub fn with_detail<M: prost::Name>(mut self, message: &M) -> Self {
-        self.details.push(prost_types::Any {
-            type_url: M::type_url(),
-            value: message.encode_to_vec(),
-        });
+        self.0.details.push(prost_types::Any { type_url: M::type_url(), value: message.encode_to_vec() });
         self
     }
 
     /// Attaches an internal cause, logged but never sent to the client.
     pub fn with_source(mut self, source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
-        self.source = Some(source.into());
+        self.0.source = Some(source.into());
         self
     }
 
     /// The code.
     pub fn code(&self) -> Code {
-        self.code
+        self.0.code
     }
 
     /// The client-safe message.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 
     /// The machine-readable reason, if any.
     pub fn reason(&self) -> Option<&str> {
-        self.reason.as_deref()
+        self.0.reason.as_deref()
     }
 
     /// The field violations.
     pub fn violations(&self) -> &[FieldViolation] {
-        &self.violations
+        &self.0.violations
     }
 
     /// Converts to a `tonic::Status` carrying `google.rpc` details. This is
     /// the one place where an error becomes a status. Internal causes are
     /// logged here, with the request id, and dropped.
     pub fn into_status(self, request_id: Option<&str>) -> tonic::Status {
-        if let Some(source) = &self.source {
+        if let Some(source) = &self.0.source {
             tracing::error!(
-                code = ?self.code,
+                code = ?self.0.code,
                 request_id = request_id.unwrap_or(""),
                 error = %source,
                 "request failed"
             );
         }
         let mut details = ErrorDetails::new();
-        for v in &self.violations {
+        for v in &self.0.violations {
             details.add_bad_request_violation(v.field.clone(), v.description.clone());
         }
-        if let Some(reason) = &self.reason {
-            details.set_error_info(reason.clone(), ERROR_DOMAIN, self.metadata.clone());
+        if let Some(reason) = &self.0.reason {
+            details.set_error_info(reason.clone(), ERROR_DOMAIN, self.0.metadata.clone());
         }
         if let Some(id) = request_id.filter(|id| !id.is_empty()) {
             details.set_request_info(id, "");
         }
-        let status = tonic::Status::with_error_details(self.code.grpc(), self.message, details);
-        if self.details.is_empty() {
+        let status = tonic::Status::with_error_details(self.0.code.grpc(), self.0.message, details);
+        if self.0.details.is_empty() {
             return status;
         }
         // Standard details are encoded by tonic-types; ours are appended.
         use prost::Message;
         let mut encoded = tonic_types::Status::decode(status.details()).unwrap_or_default();
-        encoded.details.extend(self.details);
+        encoded.details.extend(self.0.details);
         tonic::Status::with_details(status.code(), status.message(), encoded.encode_to_vec().into())
     }
 }
@@ -266,19 +259,19 @@ impl Error {
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Error")
-            .field("code", &self.code)
-            .field("message", &self.message)
-            .field("reason", &self.reason)
-            .field("violations", &self.violations)
-            .field("source", &self.source.as_ref().map(|s| s.to_string()))
+            .field("code", &self.0.code)
+            .field("message", &self.0.message)
+            .field("reason", &self.0.reason)
+            .field("violations", &self.0.violations)
+            .field("source", &self.0.source.as_ref().map(|s| s.to_string()))
             .finish()
     }
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}: {}", self.code, self.message)?;
-        for v in &self.violations {
+        write!(f, "{:?}: {}", self.0.code, self.0.message)?;
+        for v in &self.0.violations {
             write!(f, "; {}: {}", v.field, v.description)?;
         }
         Ok(())
@@ -287,7 +280,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
+        self.0.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -401,10 +394,7 @@ impl Problem {
             .map(|br| {
                 br.field_violations
                     .iter()
-                    .map(|v| ProblemViolation {
-                        field: json_field_path(&v.field),
-                        description: v.description.clone(),
-                    })
+                    .map(|v| ProblemViolation { field: json_field_path(&v.field), description: v.description.clone() })
                     .collect()
             })
             .unwrap_or_default();
@@ -436,12 +426,7 @@ impl Problem {
     pub fn custom_details(status: &tonic::Status) -> Vec<prost_types::Any> {
         use prost::Message;
         tonic_types::Status::decode(status.details())
-            .map(|s| {
-                s.details
-                    .into_iter()
-                    .filter(|any| !any.type_url.contains("/google.rpc."))
-                    .collect()
-            })
+            .map(|s| s.details.into_iter().filter(|any| !any.type_url.contains("/google.rpc.")).collect())
             .unwrap_or_default()
     }
 
@@ -514,10 +499,7 @@ mod tests {
         assert_eq!(problem.request_id.as_deref(), Some("req-1"));
         assert_eq!(
             problem.violations,
-            vec![ProblemViolation {
-                field: "organization.legalName".into(),
-                description: "must not be empty".into()
-            }]
+            vec![ProblemViolation { field: "organization.legalName".into(), description: "must not be empty".into() }]
         );
     }
 

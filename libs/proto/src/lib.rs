@@ -20,9 +20,8 @@ pub mod options;
 /// with source info (comments) and custom options.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/socle_descriptor.bin"));
 
-static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
-    DescriptorPool::decode(FILE_DESCRIPTOR_SET).expect("the embedded descriptor set is valid")
-});
+static POOL: LazyLock<DescriptorPool> =
+    LazyLock::new(|| DescriptorPool::decode(FILE_DESCRIPTOR_SET).expect("the embedded descriptor set is valid"));
 
 /// The descriptor pool of every Socle contract.
 pub fn descriptor_pool() -> &'static DescriptorPool {

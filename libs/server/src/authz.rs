@@ -22,11 +22,8 @@ use socle_proto::options::{AccessRule, access_rule};
 use crate::request_id::RequestId;
 
 /// Paths answered by every server without credentials.
-const INFRASTRUCTURE_SERVICES: &[&str] = &[
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1.ServerReflection",
-    "grpc.reflection.v1alpha.ServerReflection",
-];
+const INFRASTRUCTURE_SERVICES: &[&str] =
+    &["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
 
 /// What the access table knows about a gRPC path.
 #[derive(Debug, Clone)]
@@ -131,7 +128,8 @@ pub fn check_rule_shape(rule: &AccessRule) -> Result<(), Error> {
     if kinds == 1 {
         Ok(())
     } else {
-        Err(Error::permission_denied("this RPC declares an invalid access rule").with_reason(reason::ACCESS_RULE_MISSING))
+        Err(Error::permission_denied("this RPC declares an invalid access rule")
+            .with_reason(reason::ACCESS_RULE_MISSING))
     }
 }
 
@@ -145,21 +143,14 @@ pub struct AuthzLayer {
 impl AuthzLayer {
     /// A layer over `table` deciding with `authorizer`.
     pub fn new(table: AccessTable, authorizer: Arc<dyn Authorizer>) -> Self {
-        AuthzLayer {
-            table: Arc::new(table),
-            authorizer,
-        }
+        AuthzLayer { table: Arc::new(table), authorizer }
     }
 }
 
 impl<S> tower::Layer<S> for AuthzLayer {
     type Service = AuthzService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        AuthzService {
-            inner,
-            table: self.table.clone(),
-            authorizer: self.authorizer.clone(),
-        }
+        AuthzService { inner, table: self.table.clone(), authorizer: self.authorizer.clone() }
     }
 }
 
@@ -210,13 +201,8 @@ where
                     );
                 }
                 Some(Access::Declared(rule)) => {
-                    let decision = authorizer
-                        .authorize(CallInfo {
-                            path: &path,
-                            rule: &rule,
-                            headers: request.headers(),
-                        })
-                        .await;
+                    let decision =
+                        authorizer.authorize(CallInfo { path: &path, rule: &rule, headers: request.headers() }).await;
                     match decision {
                         Ok(principal) => {
                             request.extensions_mut().insert(principal);

@@ -45,10 +45,7 @@ impl ObserveLayer {
 impl<S> tower::Layer<S> for ObserveLayer {
     type Service = ObserveService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        ObserveService {
-            inner,
-            metrics: self.metrics.clone(),
-        }
+        ObserveService { inner, metrics: self.metrics.clone() }
     }
 }
 
@@ -163,12 +160,10 @@ impl HttpBody for ObservedBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(trailers) = frame.trailers_ref() {
-                if let Some(code) = trailers.get("grpc-status") {
-                    this.finish.code = Some(code.as_bytes().to_vec());
-                }
-            }
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(code) = frame.trailers_ref().and_then(|t| t.get("grpc-status"))
+        {
+            this.finish.code = Some(code.as_bytes().to_vec());
         }
         if let Poll::Ready(None) = &polled {
             this.finish.record();
@@ -195,21 +190,14 @@ pub struct GuardLayer {
 impl GuardLayer {
     /// At most `max_in_flight` concurrent calls, each at most `timeout` long.
     pub fn new(max_in_flight: usize, timeout: Duration) -> Self {
-        GuardLayer {
-            permits: Arc::new(Semaphore::new(max_in_flight)),
-            timeout,
-        }
+        GuardLayer { permits: Arc::new(Semaphore::new(max_in_flight)), timeout }
     }
 }
 
 impl<S> tower::Layer<S> for GuardLayer {
     type Service = GuardService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        GuardService {
-            inner,
-            permits: self.permits.clone(),
-            timeout: self.timeout,
-        }
+        GuardService { inner, permits: self.permits.clone(), timeout: self.timeout }
     }
 }
 

@@ -8,14 +8,7 @@
 //! `NOT_SERVING`, the listener closes and in-flight calls drain for up to
 //! `server.shutdown_grace_ms`.
 
-use std::{
-    collections::BTreeMap,
-    convert::Infallible,
-    future::Future,
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use prost_reflect::DescriptorPool;
 use serde::{Deserialize, Serialize};
@@ -31,8 +24,8 @@ pub mod layers;
 pub mod request_id;
 
 pub use authz::{Authorizer, DeclaredRulesOnly, Principal};
-pub use socle_config::SecretResolver;
 pub use request_id::RequestId;
+pub use socle_config::SecretResolver;
 
 /// `[server]` settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -266,7 +259,11 @@ fn served_descriptor_set(pool: &DescriptorPool, served: &[&'static str]) -> Vec<
     prost_types::FileDescriptorSet { file }.encode_to_vec()
 }
 
-async fn probe_database(db: socle_db::Database, health: tonic_health::server::HealthReporter, served: Vec<&'static str>) {
+async fn probe_database(
+    db: socle_db::Database,
+    health: tonic_health::server::HealthReporter,
+    served: Vec<&'static str>,
+) {
     let mut serving = true;
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -314,8 +311,8 @@ pub fn shutdown_signal() -> Shutdown {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("install SIGTERM handler");
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -332,7 +329,11 @@ pub fn shutdown_signal() -> Shutdown {
 /// configuration, sets up telemetry, binds `server.listen` and calls `run`;
 /// `<binary> migrate` only runs the migrations (the Kubernetes job);
 /// `<binary> check-config` validates the configuration and exits.
-pub fn run_main<F, Fut>(name: &'static str, run: F, migrate: fn(ServiceConfig, SecretResolver) -> MigrateFuture) -> anyhow::Result<()>
+pub fn run_main<F, Fut>(
+    name: &'static str,
+    run: F,
+    migrate: fn(ServiceConfig, SecretResolver) -> MigrateFuture,
+) -> anyhow::Result<()>
 where
     F: FnOnce(ServiceContext) -> Fut,
     Fut: Future<Output = Result<(), ServerError>>,

@@ -28,10 +28,7 @@ async fn an_rpc_without_access_rule_never_reaches_its_handler() {
 #[tokio::test(flavor = "multi_thread")]
 async fn declared_rpcs_pass_and_carry_a_request_id() {
     let (_server, mut client) = client(ServerSettings::default()).await;
-    let mut request = tonic::Request::new(GetWidgetRequest {
-        widget_id: "a".into(),
-        ..Default::default()
-    });
+    let mut request = tonic::Request::new(GetWidgetRequest { widget_id: "a".into(), ..Default::default() });
     request.metadata_mut().insert("x-request-id", "abc-123".parse().unwrap());
     let response = client.get_widget(request).await.unwrap();
     assert_eq!(response.metadata().get("x-request-id").unwrap(), "abc-123");
@@ -42,10 +39,7 @@ async fn declared_rpcs_pass_and_carry_a_request_id() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_over_the_concurrency_limit_are_shed_not_queued() {
-    let settings = ServerSettings {
-        max_in_flight: 1,
-        ..Default::default()
-    };
+    let settings = ServerSettings { max_in_flight: 1, ..Default::default() };
     let (_server, client) = client(settings).await;
     let mut slow = client.clone();
     let first = tokio::spawn(async move { slow.sleep(SleepRequest { millis: 800 }).await });
@@ -61,10 +55,7 @@ async fn calls_over_the_concurrency_limit_are_shed_not_queued() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_longer_than_the_server_timeout_are_deadline_exceeded() {
-    let settings = ServerSettings {
-        request_timeout_ms: 100,
-        ..Default::default()
-    };
+    let settings = ServerSettings { request_timeout_ms: 100, ..Default::default() };
     let (_server, mut client) = client(settings).await;
     let status = client.sleep(SleepRequest { millis: 2_000 }).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
@@ -83,11 +74,7 @@ async fn reflection_lists_the_served_contracts() {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut stream = client
-        .server_reflection_info(futures::stream::iter(vec![request]))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = client.server_reflection_info(futures::stream::iter(vec![request])).await.unwrap().into_inner();
     let reply = stream.message().await.unwrap().unwrap();
     let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
         panic!("unexpected reflection reply")

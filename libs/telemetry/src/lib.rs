@@ -130,19 +130,15 @@ pub fn init(service: &'static str, settings: &TelemetrySettings) -> Result<Telem
                 .with_timeout(Duration::from_secs(5))
                 .build()
                 .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-            let meter = SdkMeterProvider::builder()
-                .with_periodic_exporter(metrics)
-                .with_resource(resource)
-                .build();
+            let meter = SdkMeterProvider::builder().with_periodic_exporter(metrics).with_resource(resource).build();
             global::set_tracer_provider(tracer.clone());
             global::set_meter_provider(meter.clone());
             (Some(tracer), Some(meter))
         }
     };
 
-    let otel_layer = tracer
-        .as_ref()
-        .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer(service)));
+    let otel_layer =
+        tracer.as_ref().map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer(service)));
     let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
     let result = match settings.log_format {
         LogFormat::Json => registry
@@ -175,7 +171,9 @@ struct HeaderInjector<'a>(&'a mut http::HeaderMap);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value)) {
+        if let (Ok(name), Ok(value)) =
+            (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value))
+        {
             self.0.insert(name, value);
         }
     }

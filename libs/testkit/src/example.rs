@@ -17,10 +17,7 @@ pub struct Example;
 
 fn fixed_time() -> prost_types::Timestamp {
     // 2026-01-02T03:04:05Z
-    prost_types::Timestamp {
-        seconds: 1_767_323_045,
-        nanos: 0,
-    }
+    prost_types::Timestamp { seconds: 1_767_323_045, nanos: 0 }
 }
 
 #[tonic::async_trait]
@@ -46,15 +43,14 @@ impl ExampleService for Example {
     ) -> Result<Response<GetWidgetRevisionResponse>, Status> {
         let r = request.into_inner();
         Ok(Response::new(GetWidgetRevisionResponse {
-            widget: Some(Widget {
-                id: r.widget_id,
-                serial_number: r.revision,
-                ..Default::default()
-            }),
+            widget: Some(Widget { id: r.widget_id, serial_number: r.revision, ..Default::default() }),
         }))
     }
 
-    async fn create_widget(&self, request: Request<CreateWidgetRequest>) -> Result<Response<CreateWidgetResponse>, Status> {
+    async fn create_widget(
+        &self,
+        request: Request<CreateWidgetRequest>,
+    ) -> Result<Response<CreateWidgetResponse>, Status> {
         let rid = request_id::of(&request).map(str::to_owned);
         let r = request.into_inner();
         let mut widget = r.widget.unwrap_or_default();
@@ -67,7 +63,10 @@ impl ExampleService for Example {
         Ok(Response::new(CreateWidgetResponse { widget: Some(widget) }))
     }
 
-    async fn update_widget(&self, request: Request<UpdateWidgetRequest>) -> Result<Response<UpdateWidgetResponse>, Status> {
+    async fn update_widget(
+        &self,
+        request: Request<UpdateWidgetRequest>,
+    ) -> Result<Response<UpdateWidgetResponse>, Status> {
         let rid = request_id::of(&request).map(str::to_owned);
         let r = request.into_inner();
         if r.etag != "v1" {
@@ -79,7 +78,10 @@ impl ExampleService for Example {
         Ok(Response::new(UpdateWidgetResponse { widget: Some(widget) }))
     }
 
-    async fn polish_widget(&self, request: Request<PolishWidgetRequest>) -> Result<Response<PolishWidgetResponse>, Status> {
+    async fn polish_widget(
+        &self,
+        request: Request<PolishWidgetRequest>,
+    ) -> Result<Response<PolishWidgetResponse>, Status> {
         let r = request.into_inner();
         Ok(Response::new(PolishWidgetResponse {
             widget: Some(Widget {
@@ -98,17 +100,16 @@ impl ExampleService for Example {
         let count = request.into_inner().count.max(0);
         let items = (0..count).map(|i| {
             Ok(ListWidgetStreamResponse {
-                widget: Some(Widget {
-                    id: format!("w{i}"),
-                    serial_number: i64::from(i),
-                    ..Default::default()
-                }),
+                widget: Some(Widget { id: format!("w{i}"), serial_number: i64::from(i), ..Default::default() }),
             })
         });
         Ok(Response::new(Box::pin(futures::stream::iter(items.collect::<Vec<_>>()))))
     }
 
-    async fn forgotten_rule(&self, _: Request<ForgottenRuleRequest>) -> Result<Response<ForgottenRuleResponse>, Status> {
+    async fn forgotten_rule(
+        &self,
+        _: Request<ForgottenRuleRequest>,
+    ) -> Result<Response<ForgottenRuleResponse>, Status> {
         // The authorization layer must refuse the call before it gets here.
         Err(Status::internal("the handler of an RPC without access rule was reached"))
     }
@@ -155,10 +156,7 @@ pub async fn spawn_example(settings: ServerSettings) -> anyhow::Result<RunningEx
             let _ = rx.await;
         }),
     ));
-    let running = RunningExample {
-        addr,
-        shutdown: Some(tx),
-    };
+    let running = RunningExample { addr, shutdown: Some(tx) };
     crate::wait_serving(&running.url(), "socle.example.v1.ExampleService").await?;
     Ok(running)
 }

@@ -19,7 +19,12 @@ pub struct GrpcWebReply {
 
 /// Calls `path` (`/package.Service/Method`) on `base_url` with an encoded
 /// request message, over HTTP/1.1 as a browser would.
-pub async fn unary(base_url: &str, path: &str, request: &[u8], headers: &[(&str, &str)]) -> anyhow::Result<GrpcWebReply> {
+pub async fn unary(
+    base_url: &str,
+    path: &str,
+    request: &[u8],
+    headers: &[(&str, &str)],
+) -> anyhow::Result<GrpcWebReply> {
     let mut body = BytesMut::with_capacity(5 + request.len());
     body.put_u8(0);
     body.put_u32(u32::try_from(request.len())?);
@@ -60,10 +65,5 @@ pub async fn unary(base_url: &str, path: &str, request: &[u8], headers: &[(&str,
             message = Some(frame);
         }
     }
-    Ok(GrpcWebReply {
-        http_status,
-        message,
-        grpc_status,
-        grpc_message,
-    })
+    Ok(GrpcWebReply { http_status, message, grpc_status, grpc_message })
 }

@@ -59,7 +59,8 @@ impl TestDatabase {
     pub async fn create(label: &str) -> anyhow::Result<Self> {
         let admin = pg_admin_url();
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let label: String = label.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+        let label: String =
+            label.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
         let name = format!("socle_test_{label}_{suffix}");
         let app_role = format!("{name}_app");
         let app_password = uuid::Uuid::new_v4().simple().to_string();
@@ -68,13 +69,7 @@ impl TestDatabase {
         socle_db::admin::ensure_login_role(&mut conn, &app_role, &app_password).await?;
         let owner_url = with_database(&admin, &name);
         let app_url = with_user(&owner_url, &app_role);
-        Ok(TestDatabase {
-            name,
-            owner_url,
-            app_role,
-            app_url,
-            app_password,
-        })
+        Ok(TestDatabase { name, owner_url, app_role, app_url, app_password })
     }
 
     /// The application URL with its password (for direct test queries).
@@ -106,14 +101,8 @@ type RunFuture = Pin<Box<dyn Future<Output = Result<(), ServerError>> + Send>>;
 
 impl Service {
     /// Every backend service.
-    pub const ALL: [Service; 6] = [
-        Service::Identity,
-        Service::Tenancy,
-        Service::Crm,
-        Service::Cms,
-        Service::Audit,
-        Service::AiProxy,
-    ];
+    pub const ALL: [Service; 6] =
+        [Service::Identity, Service::Tenancy, Service::Crm, Service::Cms, Service::Audit, Service::AiProxy];
 
     /// The service name.
     pub fn name(self) -> &'static str {
@@ -192,9 +181,12 @@ impl Drop for RunningService {
 
 fn shutdown_pair() -> (oneshot::Sender<()>, socle_server::Shutdown) {
     let (tx, rx) = oneshot::channel::<()>();
-    (tx, Box::pin(async move {
-        let _ = rx.await;
-    }))
+    (
+        tx,
+        Box::pin(async move {
+            let _ = rx.await;
+        }),
+    )
 }
 
 /// Starts `service` on `127.0.0.1:0` with a fresh database (migrated at
@@ -213,30 +205,15 @@ pub async fn spawn_service(service: Service) -> anyhow::Result<RunningService> {
     config.database.migrate_on_start = true;
     config.database.app_role = Some(database.app_role.clone());
     config.database.max_connections = 4;
-    config.secrets = SecretsSettings {
-        file: Some(secrets_file.clone()),
-    };
+    config.secrets = SecretsSettings { file: Some(secrets_file.clone()) };
     let secrets = load_resolver(&config).await?;
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (tx, shutdown) = shutdown_pair();
-    let ctx = ServiceContext {
-        config,
-        secrets,
-        listener,
-        shutdown,
-        authorizer: Arc::new(DeclaredRulesOnly),
-    };
+    let ctx = ServiceContext { config, secrets, listener, shutdown, authorizer: Arc::new(DeclaredRulesOnly) };
     let task = tokio::spawn(service.run(ctx));
-    let running = RunningService {
-        service,
-        addr,
-        database,
-        shutdown: Some(tx),
-        task: Some(task),
-        _dir: dir,
-    };
+    let running = RunningService { service, addr, database, shutdown: Some(tx), task: Some(task), _dir: dir };
     wait_serving(&running.url(), "").await?;
     Ok(running)
 }
@@ -264,18 +241,14 @@ fn toml_value(value: serde_json::Value) -> toml::Value {
     match value {
         serde_json::Value::Null => toml::Value::Table(Default::default()),
         serde_json::Value::Bool(b) => toml::Value::Boolean(b),
-        serde_json::Value::Number(n) => n
-            .as_i64()
-            .map(toml::Value::Integer)
-            .unwrap_or_else(|| toml::Value::Float(n.as_f64().unwrap_or_default())),
+        serde_json::Value::Number(n) => {
+            n.as_i64().map(toml::Value::Integer).unwrap_or_else(|| toml::Value::Float(n.as_f64().unwrap_or_default()))
+        }
         serde_json::Value::String(s) => toml::Value::String(s),
         serde_json::Value::Array(a) => toml::Value::Array(a.into_iter().map(toml_value).collect()),
-        serde_json::Value::Object(o) => toml::Value::Table(
-            o.into_iter()
-                .filter(|(_, v)| !v.is_null())
-                .map(|(k, v)| (k, toml_value(v)))
-                .collect(),
-        ),
+        serde_json::Value::Object(o) => {
+            toml::Value::Table(o.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k, toml_value(v))).collect())
+        }
     }
 }
 
@@ -287,12 +260,7 @@ pub async fn wait_serving(url: &str, service: &str) -> anyhow::Result<()> {
         let status = async {
             let channel = tonic::transport::Endpoint::from_shared(url.to_owned()).ok()?.connect().await.ok()?;
             let mut client = HealthClient::new(channel);
-            let response = client
-                .check(HealthCheckRequest {
-                    service: service.to_owned(),
-                })
-                .await
-                .ok()?;
+            let response = client.check(HealthCheckRequest { service: service.to_owned() }).await.ok()?;
             Some(response.into_inner().status)
         }
         .await;
@@ -330,7 +298,10 @@ impl Drop for RunningEdge {
 
 /// Starts the edge on port 0 over `pool` with `config` (its `upstreams`
 /// pointing at running services).
-pub async fn spawn_edge(pool: &prost_reflect::DescriptorPool, config: socle_edge::EdgeConfig) -> anyhow::Result<RunningEdge> {
+pub async fn spawn_edge(
+    pool: &prost_reflect::DescriptorPool,
+    config: socle_edge::EdgeConfig,
+) -> anyhow::Result<RunningEdge> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (tx, shutdown) = shutdown_pair();
@@ -341,13 +312,14 @@ pub async fn spawn_edge(pool: &prost_reflect::DescriptorPool, config: socle_edge
             tracing::error!(error = %e, "test edge failed");
         }
     });
-    Ok(RunningEdge {
-        addr,
-        shutdown: Some(tx),
-    })
+    Ok(RunningEdge { addr, shutdown: Some(tx) })
 }
 
-async fn axum_serve(listener: TcpListener, app: socle_edge::AxumRouter, shutdown: socle_server::Shutdown) -> std::io::Result<()> {
+async fn axum_serve(
+    listener: TcpListener,
+    app: socle_edge::AxumRouter,
+    shutdown: socle_server::Shutdown,
+) -> std::io::Result<()> {
     socle_edge::serve_router(listener, app, shutdown).await
 }
 

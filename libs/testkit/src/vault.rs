@@ -36,9 +36,8 @@ pub fn binary() -> Option<PathBuf> {
     if local.exists() {
         return Some(local);
     }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|p| p.join("rvault")).find(|p| p.exists())
-    })
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join("rvault")).find(|p| p.exists()))
 }
 
 impl Vault {
@@ -93,13 +92,7 @@ impl Vault {
             .await?
             .error_for_status()?;
         let proxy = spawn_proxy(address.clone()).await?;
-        Ok(Vault {
-            address: proxy,
-            server_address: address,
-            token,
-            child,
-            _dir: dir,
-        })
+        Ok(Vault { address: proxy, server_address: address, token, child, _dir: dir })
     }
 
     /// Writes a KV v1 secret at `secret/<path>`.

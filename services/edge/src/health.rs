@@ -34,9 +34,7 @@ impl Health for EdgeHealth {
     ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
         let service = request.get_ref().service.clone();
         if service.is_empty() {
-            return Ok(tonic::Response::new(HealthCheckResponse {
-                status: ServingStatus::Serving as i32,
-            }));
+            return Ok(tonic::Response::new(HealthCheckResponse { status: ServingStatus::Serving as i32 }));
         }
         let upstream = self
             .upstreams
@@ -48,9 +46,7 @@ impl Health for EdgeHealth {
             // An unreachable upstream is not an error of the check: it is
             // the answer.
             Err(status) if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => {
-                Ok(tonic::Response::new(HealthCheckResponse {
-                    status: ServingStatus::NotServing as i32,
-                }))
+                Ok(tonic::Response::new(HealthCheckResponse { status: ServingStatus::NotServing as i32 }))
             }
             Err(status) => Err(status),
         }

@@ -75,10 +75,7 @@ pub struct CorsSettings {
 
 impl Default for CorsSettings {
     fn default() -> Self {
-        CorsSettings {
-            allowed_origins: Vec::new(),
-            max_age_secs: 600,
-        }
+        CorsSettings { allowed_origins: Vec::new(), max_age_secs: 600 }
     }
 }
 
@@ -169,10 +166,7 @@ pub fn router(pool: &DescriptorPool, config: &EdgeConfig) -> Result<Router, Edge
     // `grpcurl` need no local schema.
     let descriptors = {
         use prost::Message;
-        prost_types::FileDescriptorSet {
-            file: pool.file_descriptor_protos().cloned().collect(),
-        }
-        .encode_to_vec()
+        prost_types::FileDescriptorSet { file: pool.file_descriptor_protos().cloned().collect() }.encode_to_vec()
     };
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(&descriptors)
@@ -284,15 +278,11 @@ fn cors(settings: &CorsSettings) -> Result<CorsLayer, EdgeError> {
     let origins = settings
         .allowed_origins
         .iter()
-        .map(|o| HeaderValue::from_str(o).map_err(|_| EdgeError::Setup(format!("cors.allowed_origins: `{o}` is not valid"))))
+        .map(|o| {
+            HeaderValue::from_str(o).map_err(|_| EdgeError::Setup(format!("cors.allowed_origins: `{o}` is not valid")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    let expose = [
-        "grpc-status",
-        "grpc-message",
-        "grpc-status-details-bin",
-        "x-request-id",
-        "etag",
-    ];
+    let expose = ["grpc-status", "grpc-message", "grpc-status-details-bin", "x-request-id", "etag"];
     let allow = [
         "authorization",
         "content-type",
@@ -316,7 +306,12 @@ fn cors(settings: &CorsSettings) -> Result<CorsLayer, EdgeError> {
 pub use axum::Router as AxumRouter;
 
 /// Serves the edge on `listener` until `shutdown`.
-pub async fn serve(pool: &DescriptorPool, config: &EdgeConfig, listener: TcpListener, shutdown: Shutdown) -> Result<(), EdgeError> {
+pub async fn serve(
+    pool: &DescriptorPool,
+    config: &EdgeConfig,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), EdgeError> {
     let app = router(pool, config)?;
     serve_router(listener, app, shutdown).await?;
     Ok(())

@@ -55,10 +55,7 @@ pub fn document(pool: &DescriptorPool, routes: &RouteTable, title: &str, version
         let path = route.template.openapi_path(&route.method);
         let operation = operation(route, &comments, &mut needed);
         tags.insert(route.method.parent_service().full_name().to_owned());
-        paths
-            .entry(path)
-            .or_default()
-            .insert(route.verb.as_str().to_ascii_lowercase(), operation);
+        paths.entry(path).or_default().insert(route.verb.as_str().to_ascii_lowercase(), operation);
     }
 
     let mut schemas = serde_json::Map::new();
@@ -130,10 +127,10 @@ fn operation(route: &Route, comments: &Comments, needed: &mut BTreeSet<String>) 
             if bound.contains(field.name()) || field.is_map() {
                 continue;
             }
-            if let Kind::Message(m) = field.kind() {
-                if !is_string_like(&m) {
-                    continue;
-                }
+            if let Kind::Message(m) = field.kind()
+                && !is_string_like(&m)
+            {
+                continue;
             }
             let mut schema = field_schema(&field, &mut BTreeSet::new());
             if field.cardinality() == Cardinality::Repeated {
@@ -187,11 +184,8 @@ fn operation(route: &Route, comments: &Comments, needed: &mut BTreeSet<String>) 
             reference(method.output().full_name())
         }
     };
-    let (content_type, schema) = if method.is_server_streaming() {
-        ("application/x-ndjson", output)
-    } else {
-        ("application/json", output)
-    };
+    let (content_type, schema) =
+        if method.is_server_streaming() { ("application/x-ndjson", output) } else { ("application/json", output) };
     let problem = json!({ "application/problem+json": { "schema": { "$ref": "#/components/schemas/Problem" } } });
     op.insert(
         "responses".into(),
@@ -215,7 +209,8 @@ fn is_string_like(message: &MessageDescriptor) -> bool {
     matches!(
         message.full_name(),
         "google.protobuf.Timestamp" | "google.protobuf.Duration" | "google.protobuf.FieldMask"
-    ) || message.full_name().ends_with("Value") && message.package_name() == "google.protobuf"
+    ) || message.full_name().ends_with("Value")
+        && message.package_name() == "google.protobuf"
         && !matches!(message.full_name(), "google.protobuf.Value" | "google.protobuf.ListValue")
 }
 
@@ -223,19 +218,19 @@ fn message_schema(message: &MessageDescriptor, comments: &Comments, refs: &mut B
     let mut properties = serde_json::Map::new();
     for field in message.fields() {
         let mut schema = field_schema(&field, refs);
-        if let (Some(text), Json::Object(map)) = (comments.field(&field), &mut schema) {
-            if !map.contains_key("$ref") {
-                map.insert("description".into(), json!(text));
-            }
+        if let (Some(text), Json::Object(map)) = (comments.field(&field), &mut schema)
+            && !map.contains_key("$ref")
+        {
+            map.insert("description".into(), json!(text));
         }
         if let Some(text) = comments.field(&field) {
             if schema.get("$ref").is_some() {
                 schema = json!({ "allOf": [schema], "description": text });
             }
-            if text.contains("Output only") {
-                if let Json::Object(map) = &mut schema {
-                    map.insert("readOnly".into(), json!(true));
-                }
+            if text.contains("Output only")
+                && let Json::Object(map) = &mut schema
+            {
+                map.insert("readOnly".into(), json!(true));
             }
         }
         properties.insert(field.json_name().to_owned(), schema);
@@ -255,11 +250,7 @@ fn field_schema(field: &FieldDescriptor, refs: &mut BTreeSet<String>) -> Json {
         return json!({ "type": "object", "additionalProperties": scalar_schema(&value, refs) });
     }
     let item = scalar_schema(field, refs);
-    if field.cardinality() == Cardinality::Repeated {
-        json!({ "type": "array", "items": item })
-    } else {
-        item
-    }
+    if field.cardinality() == Cardinality::Repeated { json!({ "type": "array", "items": item }) } else { item }
 }
 
 fn scalar_schema(field: &FieldDescriptor, refs: &mut BTreeSet<String>) -> Json {
@@ -272,11 +263,15 @@ fn scalar_schema(field: &FieldDescriptor, refs: &mut BTreeSet<String>) -> Json {
         Kind::Bool => json!({ "type": "boolean" }),
         Kind::String => json!({ "type": "string" }),
         Kind::Bytes => json!({ "type": "string", "contentEncoding": "base64" }),
-        Kind::Enum(e) => json!({ "type": "string", "enum": e.values().map(|v| v.name().to_owned()).collect::<Vec<_>>() }),
+        Kind::Enum(e) => {
+            json!({ "type": "string", "enum": e.values().map(|v| v.name().to_owned()).collect::<Vec<_>>() })
+        }
         Kind::Message(m) => match m.full_name() {
             "google.protobuf.Timestamp" => json!({ "type": "string", "format": "date-time" }),
             "google.protobuf.Duration" => json!({ "type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?s$" }),
-            "google.protobuf.FieldMask" => json!({ "type": "string", "description": "Comma-separated field paths (camelCase)." }),
+            "google.protobuf.FieldMask" => {
+                json!({ "type": "string", "description": "Comma-separated field paths (camelCase)." })
+            }
             "google.protobuf.Empty" => json!({ "type": "object" }),
             "google.protobuf.Struct" => json!({ "type": "object" }),
             "google.protobuf.Value" => json!({}),
@@ -346,7 +341,8 @@ pub fn docs_page(document: &Json) -> String {
     for (tag, ops) in by_tag {
         html.push_str(&format!("<h2>{}</h2>", esc(&tag)));
         for (verb, path, op) in ops {
-            let permission = op["x-socle-permission"].as_str().map(|p| format!(" — permission <code>{}</code>", esc(p)));
+            let permission =
+                op["x-socle-permission"].as_str().map(|p| format!(" — permission <code>{}</code>", esc(p)));
             let public = op["security"].as_array().is_some_and(Vec::is_empty);
             html.push_str(&format!(
                 "<div class=\"op\"><span class=\"verb\">{}</span><code>{}</code><br>{}<span class=\"perm\">{}{}</span></div>",

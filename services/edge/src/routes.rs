@@ -53,11 +53,7 @@ impl PathTemplate {
                 segments.push(Segment::Literal(raw.to_owned()));
             }
         }
-        Ok(PathTemplate {
-            text: text.to_owned(),
-            segments,
-            verb,
-        })
+        Ok(PathTemplate { text: text.to_owned(), segments, verb })
     }
 
     /// Matches a request path, returning the (percent-decoded) variables.
@@ -249,11 +245,7 @@ impl RouteTable {
                 "delete" => Pattern::Delete(rule.path.clone()),
                 other => return Err(format!("http rule `{}`: unknown verb `{other}`", rule.selector)),
             };
-            let http = HttpRule {
-                pattern: Some(pattern),
-                body: rule.body.clone(),
-                response_body: String::new(),
-            };
+            let http = HttpRule { pattern: Some(pattern), body: rule.body.clone(), response_body: String::new() };
             routes.push(route(&method, &http, rule.public, None)?);
         }
         // Custom verbs and literal segments win over variables: such
@@ -282,17 +274,13 @@ impl RouteTable {
         let mut other_verbs = Vec::new();
         for route in &self.routes {
             if let Some(vars) = route.template.matches(path) {
-                if &route.verb == verb {
+                if route.verb == verb {
                     return Match::Found(route, vars);
                 }
                 other_verbs.push(route.verb.clone());
             }
         }
-        if other_verbs.is_empty() {
-            Match::NotFound
-        } else {
-            Match::WrongVerb(other_verbs)
-        }
+        if other_verbs.is_empty() { Match::NotFound } else { Match::WrongVerb(other_verbs) }
     }
 
     /// Every route.
@@ -301,7 +289,12 @@ impl RouteTable {
     }
 }
 
-fn route(method: &MethodDescriptor, rule: &HttpRule, public: bool, permission: Option<String>) -> Result<Route, String> {
+fn route(
+    method: &MethodDescriptor,
+    rule: &HttpRule,
+    public: bool,
+    permission: Option<String>,
+) -> Result<Route, String> {
     let rpc = method.full_name();
     let (verb, path) = match rule.pattern.as_ref() {
         Some(Pattern::Get(p)) => (http::Method::GET, p),
@@ -350,15 +343,7 @@ fn route(method: &MethodDescriptor, rule: &HttpRule, public: bool, permission: O
                 .ok_or_else(|| format!("{rpc}: response_body `{name}` is not a field of the response"))?,
         ),
     };
-    Ok(Route {
-        verb,
-        template,
-        method: method.clone(),
-        body,
-        response_body,
-        public,
-        permission,
-    })
+    Ok(Route { verb, template, method: method.clone(), body, response_body, public, permission })
 }
 
 #[cfg(test)]

@@ -55,13 +55,15 @@ pub fn problem(pool: &DescriptorPool, status: &tonic::Status, request_id: Option
 }
 
 /// Renders a status as `application/problem+json`.
-pub fn problem_response(pool: &DescriptorPool, status: &tonic::Status, request_id: Option<&str>) -> http::Response<Body> {
+pub fn problem_response(
+    pool: &DescriptorPool,
+    status: &tonic::Status,
+    request_id: Option<&str>,
+) -> http::Response<Body> {
     let problem = problem(pool, status, request_id);
     let mut response = http::Response::new(Body::from(problem.to_json()));
     *response.status_mut() = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(socle_errors::PROBLEM_CONTENT_TYPE));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(socle_errors::PROBLEM_CONTENT_TYPE));
     response
 }
 
@@ -216,9 +218,7 @@ async fn stream_response(
         Ok::<_, std::convert::Infallible>(Bytes::from(bytes))
     });
     let mut response = http::Response::new(Body::from_stream(lines));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
     Ok(response)
 }
 
@@ -290,8 +290,9 @@ async fn upload(
     let mut object = Map::new();
     bind_query(&input, parts.uri.query().unwrap_or(""), route, &mut object).map_err(|e| status(e, rid))?;
     bind_path(&input, vars, &mut object).map_err(|e| status(e, rid))?;
-    let first = DynamicMessage::deserialize_with_options(input.clone(), Json::Object(object), &DeserializeOptions::new())
-        .map_err(|e| status(Error::invalid_argument(format!("invalid request: {e}")), rid))?;
+    let first =
+        DynamicMessage::deserialize_with_options(input.clone(), Json::Object(object), &DeserializeOptions::new())
+            .map_err(|e| status(Error::invalid_argument(format!("invalid request: {e}")), rid))?;
 
     let (overflow_tx, overflow_rx) = tokio::sync::oneshot::channel::<tonic::Status>();
     let limit = state.max_upload_bytes;
@@ -396,10 +397,10 @@ async fn read_body(
             rid,
         )
     };
-    if let Some(length) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
-        if length > state.max_body_bytes {
-            return Err(too_large());
-        }
+    if let Some(length) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        && length > state.max_body_bytes
+    {
+        return Err(too_large());
     }
     let bytes = http_body_util::Limited::new(body, state.max_body_bytes)
         .collect()
@@ -437,19 +438,24 @@ async fn read_body(
 
 /// Puts the path variables into the request object. A body value for the
 /// same field must agree with the path.
-fn bind_path(input: &MessageDescriptor, vars: Vec<(String, String)>, object: &mut Map<String, Json>) -> Result<(), Error> {
+fn bind_path(
+    input: &MessageDescriptor,
+    vars: Vec<(String, String)>,
+    object: &mut Map<String, Json>,
+) -> Result<(), Error> {
     for (name, text) in vars {
         let field = input.get_field_by_name(&name).expect("checked when the route was built");
         let value = scalar_json(&field, &text)?;
         let json_name = field.json_name().to_owned();
         for key in [json_name.as_str(), name.as_str()] {
-            if let Some(existing) = object.get(key) {
-                if existing != &value && existing != &Json::String(text.clone()) {
-                    return Err(Error::invalid_field(
-                        name.clone(),
-                        "the body disagrees with the path; omit it from the body",
-                    ));
-                }
+            if let Some(existing) = object.get(key)
+                && existing != &value
+                && existing != &Json::String(text.clone())
+            {
+                return Err(Error::invalid_field(
+                    name.clone(),
+                    "the body disagrees with the path; omit it from the body",
+                ));
             }
         }
         object.remove(&name);
@@ -460,11 +466,17 @@ fn bind_path(input: &MessageDescriptor, vars: Vec<(String, String)>, object: &mu
 
 /// Puts query parameters (by JSON or proto name, dotted for nested
 /// messages, repeated by repetition) into the request object.
-fn bind_query(input: &MessageDescriptor, query: &str, route: &Route, object: &mut Map<String, Json>) -> Result<(), Error> {
+fn bind_query(
+    input: &MessageDescriptor,
+    query: &str,
+    route: &Route,
+    object: &mut Map<String, Json>,
+) -> Result<(), Error> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (raw_key, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
         let key = form_decode(raw_key).ok_or_else(|| Error::invalid_argument("the query string is not valid UTF-8"))?;
-        let value = form_decode(raw_value).ok_or_else(|| Error::invalid_argument("the query string is not valid UTF-8"))?;
+        let value =
+            form_decode(raw_value).ok_or_else(|| Error::invalid_argument("the query string is not valid UTF-8"))?;
         let mut message = input.clone();
         let mut target = &mut *object;
         let segments: Vec<&str> = key.split('.').collect();
@@ -529,11 +541,8 @@ fn is_string_like(message: &MessageDescriptor) -> bool {
 }
 
 fn rename_violation(error: Error, key: &str) -> Error {
-    let description = error
-        .violations()
-        .first()
-        .map(|v| v.description.clone())
-        .unwrap_or_else(|| error.message().to_owned());
+    let description =
+        error.violations().first().map(|v| v.description.clone()).unwrap_or_else(|| error.message().to_owned());
     Error::invalid_field(key.to_owned(), description)
 }
 
@@ -613,10 +622,10 @@ pub fn forward_headers(headers: &HeaderMap, metadata: &mut tonic::metadata::Meta
     }
     socle_telemetry::inject_context(&mut out);
     for (name, value) in &out {
-        if let Ok(key) = tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes()) {
-            if let Ok(value) = tonic::metadata::MetadataValue::try_from(value.as_bytes()) {
-                metadata.insert(key, value);
-            }
+        if let Ok(key) = tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes())
+            && let Ok(value) = tonic::metadata::MetadataValue::try_from(value.as_bytes())
+        {
+            metadata.insert(key, value);
         }
     }
 }

@@ -28,11 +28,7 @@ async fn setup_with(adjust: impl FnOnce(&mut socle_edge::EdgeConfig)) -> Setup {
     config.cors.allowed_origins = vec!["https://console.example".into()];
     adjust(&mut config);
     let edge = spawn_edge(socle_testproto::descriptor_pool(), config).await.expect("edge");
-    Setup {
-        _example: example,
-        edge,
-        http: reqwest::Client::new(),
-    }
+    Setup { _example: example, edge, http: reqwest::Client::new() }
 }
 
 impl Setup {
@@ -42,10 +38,7 @@ impl Setup {
 
     async fn problem(&self, response: reqwest::Response, status: u16) -> Value {
         assert_eq!(response.status().as_u16(), status, "unexpected status");
-        assert_eq!(
-            response.headers()["content-type"].to_str().unwrap(),
-            "application/problem+json"
-        );
+        assert_eq!(response.headers()["content-type"].to_str().unwrap(), "application/problem+json");
         let problem: Value = response.json().await.unwrap();
         assert_eq!(problem["status"], status);
         problem
@@ -55,12 +48,14 @@ impl Setup {
 #[tokio::test(flavor = "multi_thread")]
 async fn rest_get_binds_path_and_query_with_proto3_json_mapping() {
     let s = setup().await;
-    let response = s
-        .http
-        .get(s.url("/api/v1/widgets/w%201?revision=9007199254740993&state=WIDGET_STATE_READY&tags=a&tags=b&verbose=true"))
-        .send()
-        .await
-        .unwrap();
+    let response =
+        s.http
+            .get(s.url(
+                "/api/v1/widgets/w%201?revision=9007199254740993&state=WIDGET_STATE_READY&tags=a&tags=b&verbose=true",
+            ))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     let widget = &body["widget"];
@@ -103,15 +98,8 @@ async fn rest_post_body_and_custom_verb_and_int64_path_variable() {
     assert_eq!(polished["widget"]["id"], "w-r1");
     assert_eq!(polished["widget"]["serialNumber"], "7");
 
-    let revision: Value = s
-        .http
-        .get(s.url("/api/v1/widgets/w-r1/revisions/42"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let revision: Value =
+        s.http.get(s.url("/api/v1/widgets/w-r1/revisions/42")).send().await.unwrap().json().await.unwrap();
     assert_eq!(revision["widget"]["serialNumber"], "42");
 }
 
@@ -171,10 +159,8 @@ async fn bad_inputs_are_4xx_problems_never_5xx() {
     let problem = s.problem(unknown, 400).await;
     assert!(problem["detail"].as_str().unwrap().contains("colour"), "{problem}");
 
-    let wrong_type = post("/api/v1/widgets", r#"{"widget": {"serialNumber": {"a": 1}}}"#, "application/json")
-        .send()
-        .await
-        .unwrap();
+    let wrong_type =
+        post("/api/v1/widgets", r#"{"widget": {"serialNumber": {"a": 1}}}"#, "application/json").send().await.unwrap();
     s.problem(wrong_type, 400).await;
 
     let wrong_enum = post("/api/v1/widgets", r#"{"widget": {"state": "WIDGET_STATE_SHINY"}}"#, "application/json")
@@ -232,19 +218,11 @@ async fn bad_inputs_are_4xx_problems_never_5xx() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_rpc_without_access_rule_is_refused_on_every_protocol() {
     let s = setup().await;
-    let rest = s
-        .http
-        .post(s.url("/api/v1/forgotten"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let rest = s.http.post(s.url("/api/v1/forgotten")).json(&json!({})).send().await.unwrap();
     let problem = s.problem(rest, 403).await;
     assert_eq!(problem["reason"], "ACCESS_RULE_MISSING");
 
-    let web = grpc_web::unary(&s.edge.url(), "/socle.example.v1.ExampleService/ForgottenRule", &[], &[])
-        .await
-        .unwrap();
+    let web = grpc_web::unary(&s.edge.url(), "/socle.example.v1.ExampleService/ForgottenRule", &[], &[]).await.unwrap();
     assert_eq!(web.grpc_status, Some(tonic::Code::PermissionDenied as i32));
 }
 
@@ -332,13 +310,7 @@ async fn cors_preflight_allows_configured_origins_only() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_upstream_is_a_504_problem() {
     let s = setup_with(|c| c.server.request_timeout_ms = 300).await;
-    let slow = s
-        .http
-        .post(s.url("/api/v1/sleep"))
-        .json(&json!({ "millis": 3000 }))
-        .send()
-        .await
-        .unwrap();
+    let slow = s.http.post(s.url("/api/v1/sleep")).json(&json!({ "millis": 3000 })).send().await.unwrap();
     let problem = s.problem(slow, 504).await;
     assert_eq!(problem["code"], "DEADLINE_EXCEEDED");
 }

@@ -34,20 +34,13 @@ async fn readiness_reaches_every_service_through_rest_grpc_web_and_grpc() {
             .collect();
         assert!(!names.is_empty());
         for name in names {
-            let rest: serde_json::Value = http
-                .get(format!("{edge}/api/v1/health?service={name}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let rest: serde_json::Value =
+                http.get(format!("{edge}/api/v1/health?service={name}")).send().await.unwrap().json().await.unwrap();
             assert_eq!(rest["status"], "SERVING", "REST readiness of {name}: {rest}");
 
             let request = HealthCheckRequest { service: name.clone() };
-            let web = grpc_web::unary(&edge, "/grpc.health.v1.Health/Check", &request.encode_to_vec(), &[])
-                .await
-                .unwrap();
+            let web =
+                grpc_web::unary(&edge, "/grpc.health.v1.Health/Check", &request.encode_to_vec(), &[]).await.unwrap();
             assert_eq!(web.grpc_status, Some(0), "gRPC-web readiness of {name}: {web:?}");
             let reply = HealthCheckResponse::decode(web.message.unwrap()).unwrap();
             assert_eq!(reply.status, ServingStatus::Serving as i32);
@@ -62,14 +55,8 @@ async fn readiness_reaches_every_service_through_rest_grpc_web_and_grpc() {
     let mut platform = platform;
     let running = platform.services.remove(&Service::Crm).unwrap();
     running.stop().await.unwrap();
-    let rest: serde_json::Value = http
-        .get(format!("{edge}/api/v1/health?service={crm}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rest: serde_json::Value =
+        http.get(format!("{edge}/api/v1/health?service={crm}")).send().await.unwrap().json().await.unwrap();
     assert_eq!(rest["status"], "NOT_SERVING");
 }
 
@@ -78,9 +65,8 @@ async fn contract_rpcs_not_built_yet_answer_unimplemented_through_every_protocol
     let platform = Platform::start().await.expect("platform starts");
     let edge = platform.edge_url();
     // A REST route generated from the crm contract reaches the crm service.
-    let response = reqwest::get(format!("{edge}/api/v1/organizations/8b7d7d0e-4b1a-4c8e-9d43-6f1f2a0f0a11"))
-        .await
-        .unwrap();
+    let response =
+        reqwest::get(format!("{edge}/api/v1/organizations/8b7d7d0e-4b1a-4c8e-9d43-6f1f2a0f0a11")).await.unwrap();
     assert_eq!(response.status(), 501);
     let problem: serde_json::Value = response.json().await.unwrap();
     assert_eq!(problem["code"], "UNIMPLEMENTED");
@@ -89,7 +75,8 @@ async fn contract_rpcs_not_built_yet_answer_unimplemented_through_every_protocol
     assert_eq!(web.grpc_status, Some(tonic::Code::Unimplemented as i32));
 
     // Every REST route of the contracts is in the OpenAPI document.
-    let doc: serde_json::Value = reqwest::get(format!("{edge}/api/v1/openapi.json")).await.unwrap().json().await.unwrap();
+    let doc: serde_json::Value =
+        reqwest::get(format!("{edge}/api/v1/openapi.json")).await.unwrap().json().await.unwrap();
     let operations: usize = doc["paths"].as_object().unwrap().values().map(|p| p.as_object().unwrap().len()).sum();
     let rpcs_with_http = socle_proto::descriptor_pool()
         .services()
