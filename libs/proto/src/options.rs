@@ -29,3 +29,16 @@ pub fn http_rule(method: &MethodDescriptor) -> Option<HttpRule> {
 pub fn access_rule(method: &MethodDescriptor) -> Option<AccessRule> {
     extension(method, ACCESS_EXTENSION)
 }
+
+impl AccessRule {
+    /// A rule must say exactly one of: public, authenticated, or a permission.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        let kinds =
+            usize::from(self.public) + usize::from(self.authenticated) + usize::from(!self.permission.is_empty());
+        if kinds == 1 {
+            Ok(())
+        } else {
+            Err("an access rule must set exactly one of public, authenticated, permission")
+        }
+    }
+}

@@ -122,6 +122,7 @@ pub struct ServiceHost {
     authorizer: Arc<dyn Authorizer>,
     settings: ServerSettings,
     database: Option<socle_db::Database>,
+    metrics: Option<RpcMetrics>,
 }
 
 impl ServiceHost {
@@ -135,6 +136,7 @@ impl ServiceHost {
             authorizer: Arc::new(DeclaredRulesOnly),
             settings,
             database: None,
+            metrics: None,
         }
     }
 
@@ -142,6 +144,12 @@ impl ServiceHost {
     /// reached (checked every 5 s), so that readiness follows the database.
     pub fn readiness_database(mut self, database: socle_db::Database) -> Self {
         self.database = Some(database);
+        self
+    }
+
+    /// Records RED metrics with these instruments instead of the global meter's.
+    pub fn metrics(mut self, metrics: RpcMetrics) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -199,7 +207,7 @@ impl ServiceHost {
         // Outermost first; see `layers` for why this order.
         let stack = ServiceBuilder::new()
             .layer(request_id::RequestIdLayer)
-            .layer(layers::ObserveLayer::new(RpcMetrics::new(self.name)))
+            .layer(layers::ObserveLayer::new(self.metrics.unwrap_or_else(|| RpcMetrics::new(self.name))))
             .layer(layers::GuardLayer::new(
                 self.settings.max_in_flight,
                 Duration::from_millis(self.settings.request_timeout_ms),

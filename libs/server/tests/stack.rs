@@ -94,3 +94,45 @@ async fn shutdown_drains_the_call_in_flight() {
     drop(server); // sends the shutdown signal
     assert!(in_flight.await.unwrap().is_ok(), "the in-flight call completes during the drain");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn red_metrics_count_every_rpc_by_method_and_code() {
+    use opentelemetry::metrics::MeterProvider as _;
+    use opentelemetry_sdk::metrics::{
+        InMemoryMetricExporter, PeriodicReader, SdkMeterProvider, data::AggregatedMetrics,
+    };
+
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder().with_reader(PeriodicReader::builder(exporter.clone()).build()).build();
+    let metrics = socle_telemetry::RpcMetrics::from_meter(&provider.meter("test"));
+    let server = socle_testkit::example::spawn_example_with(ServerSettings::default(), Some(metrics)).await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(server.url()).unwrap().connect().await.unwrap();
+    let mut client = ExampleServiceClient::new(channel);
+    client.get_widget(GetWidgetRequest::default()).await.unwrap();
+    client.get_widget(GetWidgetRequest::default()).await.unwrap();
+    client.forgotten_rule(ForgottenRuleRequest {}).await.unwrap_err();
+    // Response bodies are finished after the client got them: let the
+    // server record, then collect.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    provider.force_flush().unwrap();
+
+    let mut counts = std::collections::BTreeMap::new();
+    for resource in exporter.get_finished_metrics().unwrap() {
+        for scope in resource.scope_metrics() {
+            for metric in scope.metrics().filter(|m| m.name() == "rpc.server.requests") {
+                let AggregatedMetrics::U64(opentelemetry_sdk::metrics::data::MetricData::Sum(sum)) = metric.data()
+                else {
+                    panic!("rpc.server.requests is a u64 sum")
+                };
+                for point in sum.data_points() {
+                    let attr = |key: &str| {
+                        point.attributes().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.to_string()).unwrap()
+                    };
+                    counts.insert((attr("rpc.method"), attr("rpc.grpc.status_code")), point.value());
+                }
+            }
+        }
+    }
+    assert_eq!(counts.get(&("GetWidget".into(), "OK".into())), Some(&2), "{counts:?}");
+    assert_eq!(counts.get(&("ForgottenRule".into(), "PERMISSION_DENIED".into())), Some(&1), "{counts:?}");
+}

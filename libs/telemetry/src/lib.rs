@@ -206,7 +206,11 @@ pub struct RpcMetrics {
 impl RpcMetrics {
     /// Instruments on the global meter for `service`.
     pub fn new(service: &'static str) -> Self {
-        let meter = global::meter(service);
+        Self::from_meter(&global::meter(service))
+    }
+
+    /// Instruments on a given meter (tests read them back from their own provider).
+    pub fn from_meter(meter: &opentelemetry::metrics::Meter) -> Self {
         RpcMetrics {
             requests: meter
                 .u64_counter("rpc.server.requests")

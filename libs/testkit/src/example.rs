@@ -114,6 +114,19 @@ impl ExampleService for Example {
         Err(Status::internal("the handler of an RPC without access rule was reached"))
     }
 
+    async fn inspect_call(
+        &self,
+        request: Request<InspectCallRequest>,
+    ) -> Result<Response<InspectCallResponse>, Status> {
+        let header =
+            |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        Ok(Response::new(InspectCallResponse {
+            request_id: request_id::of(&request).unwrap_or_default().to_owned(),
+            traceparent: header("traceparent"),
+            acting_entity: header("x-socle-entity"),
+        }))
+    }
+
     async fn sleep(&self, request: Request<SleepRequest>) -> Result<Response<SleepResponse>, Status> {
         tokio::time::sleep(Duration::from_millis(u64::from(request.into_inner().millis))).await;
         Ok(Response::new(SleepResponse {}))
@@ -144,12 +157,24 @@ impl Drop for RunningExample {
 
 /// Serves [`Example`] on port 0 with `settings` (timeouts, load shedding).
 pub async fn spawn_example(settings: ServerSettings) -> anyhow::Result<RunningExample> {
+    spawn_example_with(settings, None).await
+}
+
+/// Like [`spawn_example`], recording RED metrics into `metrics`.
+pub async fn spawn_example_with(
+    settings: ServerSettings,
+    metrics: Option<socle_telemetry::RpcMetrics>,
+) -> anyhow::Result<RunningExample> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (tx, rx) = oneshot::channel::<()>();
     let host = ServiceHost::new("example", socle_testproto::descriptor_pool(), settings)
         .authorizer(Arc::new(DeclaredRulesOnly))
         .add_service(ExampleServiceServer::new(Example));
+    let host = match metrics {
+        Some(metrics) => host.metrics(metrics),
+        None => host,
+    };
     tokio::spawn(host.serve(
         listener,
         Box::pin(async move {

@@ -111,7 +111,7 @@ fn operation(route: &Route, comments: &Comments, needed: &mut BTreeSet<String>) 
     let summary = description.lines().next().unwrap_or(method.name()).to_owned();
     let bound: BTreeSet<&str> = route.template.variables().collect();
     let mut parameters = Vec::new();
-    for var in &bound {
+    for var in route.template.variables() {
         if let Some(field) = input.get_field_by_name(var) {
             parameters.push(json!({
                 "name": field.json_name(),

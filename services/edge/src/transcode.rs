@@ -26,8 +26,11 @@ use crate::{
     upstream::Upstream,
 };
 
-/// Headers forwarded from the HTTP request to gRPC metadata.
-const FORWARDED_HEADERS: &[&str] = &["authorization", "x-request-id", "x-socle-entity", "accept-language"];
+/// Headers forwarded from the HTTP request to gRPC metadata. The trace
+/// context is forwarded as received, then replaced by the edge's own span
+/// when tracing is exported (so the upstream span is a child of the edge's).
+const FORWARDED_HEADERS: &[&str] =
+    &["authorization", "x-request-id", "x-socle-entity", "accept-language", "traceparent", "tracestate"];
 
 /// Handles one REST request.
 pub async fn handle(state: &EdgeState, request: http::Request<Body>) -> http::Response<Body> {

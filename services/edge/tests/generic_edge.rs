@@ -325,3 +325,71 @@ async fn an_unreachable_upstream_is_a_503_problem_without_internal_details() {
     let problem = s.problem(response, 503).await;
     assert!(!problem["detail"].as_str().unwrap().contains("127.0.0.1"), "{problem}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_rpc_appears_on_rest_grpc_web_and_openapi_without_edge_code() {
+    // `GetWidgetRevision` exists only in the test contract: nothing in the
+    // edge names it, yet it is routed on every protocol and documented.
+    use socle_testproto::socle::example::v1::{GetWidgetRevisionRequest, GetWidgetRevisionResponse};
+    let s = setup().await;
+    let rest: Value = s.http.get(s.url("/api/v1/widgets/w7/revisions/5")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(rest["widget"]["id"], "w7");
+    assert_eq!(rest["widget"]["serialNumber"], "5");
+
+    let request = GetWidgetRevisionRequest { widget_id: "w7".into(), revision: 5 };
+    let web = grpc_web::unary(
+        &s.edge.url(),
+        "/socle.example.v1.ExampleService/GetWidgetRevision",
+        &request.encode_to_vec(),
+        &[],
+    )
+    .await
+    .unwrap();
+    let reply = GetWidgetRevisionResponse::decode(web.message.expect("a message")).unwrap();
+    assert_eq!(reply.widget.unwrap().serial_number, 5);
+
+    let doc: Value = s.http.get(s.url("/api/v1/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let operation = &doc["paths"]["/api/v1/widgets/{widgetId}/revisions/{revision}"]["get"];
+    assert_eq!(operation["operationId"], "ExampleService_GetWidgetRevision");
+    assert_eq!(operation["parameters"][1]["schema"]["format"], "int64");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_id_trace_context_and_acting_entity_reach_the_service() {
+    let s = setup().await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let rest: Value = s
+        .http
+        .get(s.url("/api/v1/inspect"))
+        .header("x-request-id", "rest-1")
+        .header("traceparent", traceparent)
+        .header("x-socle-entity", "branch-a")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rest["requestId"], "rest-1");
+    assert_eq!(rest["actingEntity"], "branch-a");
+    assert!(rest["traceparent"].as_str().unwrap().contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{rest}");
+
+    use socle_testproto::socle::example::v1::{InspectCallRequest, InspectCallResponse};
+    let web = grpc_web::unary(
+        &s.edge.url(),
+        "/socle.example.v1.ExampleService/InspectCall",
+        &InspectCallRequest {}.encode_to_vec(),
+        &[("x-request-id", "web-1"), ("traceparent", traceparent)],
+    )
+    .await
+    .unwrap();
+    let reply = InspectCallResponse::decode(web.message.unwrap()).unwrap();
+    assert_eq!(reply.request_id, "web-1");
+    assert!(reply.traceparent.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
+
+    // Without an id, the edge mints one and the service sees the same.
+    let response = s.http.get(s.url("/api/v1/inspect")).send().await.unwrap();
+    let minted = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["requestId"], minted);
+}
