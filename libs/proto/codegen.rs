@@ -52,10 +52,14 @@ pub fn generate(
     // an extern path (well-known types → prost-types, `extern_paths`) are
     // referenced, not generated.
     let fds = compiler.file_descriptor_set();
+    // Type names give every message `prost::Name`, so that services can
+    // attach them as error details (`socle_errors::Error::with_detail`).
+    let mut config = prost_build::Config::new();
+    config.enable_type_names();
     let mut builder =
         tonic_prost_build::configure().generate_default_stubs(true).include_file(include_file).out_dir(&out_dir);
     for (proto, rust) in extern_paths {
         builder = builder.extern_path(*proto, *rust);
     }
-    builder.compile_fds(fds).expect("code generation");
+    builder.compile_fds_with_config(fds, config).expect("code generation");
 }

@@ -74,12 +74,18 @@ pub async fn ensure(root: &Path) -> anyhow::Result<Postgres> {
     }
     let options = format!("-p {PRIVATE_PORT} -c listen_addresses=127.0.0.1 -k {} -c fsync=on", path_str(&socket));
     let log = base.join("server.log");
-    run_as(
-        &run_as_user,
-        &pg_ctl,
-        &["-D", path_str(&data), "-o", &options, "-l", path_str(&log), "-w", "-t", "60", "start"],
-    )
-    .with_context(|| format!("pg_ctl start (see {})", log.display()))?;
+    let running = data.join("postmaster.pid").exists()
+        && run_as(&run_as_user, &pg_ctl, &["-D", path_str(&data), "status"]).is_ok();
+    if running {
+        println!("xtask: reusing the private cluster already running under .local/pg");
+    } else {
+        run_as(
+            &run_as_user,
+            &pg_ctl,
+            &["-D", path_str(&data), "-o", &options, "-l", path_str(&log), "-w", "-t", "60", "start"],
+        )
+        .with_context(|| format!("pg_ctl start (see {})", log.display()))?;
+    }
     let admin_url = format!("postgres://postgres@127.0.0.1:{PRIVATE_PORT}/postgres");
     for _ in 0..50 {
         if answers(&admin_url).await {
@@ -90,7 +96,8 @@ pub async fn ensure(root: &Path) -> anyhow::Result<Postgres> {
     bail!("the private cluster did not answer; see {}", log.display())
 }
 
-fn redact(url: &str) -> String {
+/// The URL without its password, for display.
+pub fn redact(url: &str) -> String {
     match url.split_once("://").and_then(|(s, rest)| Some((s, rest.split_once('@')?))) {
         Some((scheme, (user, host))) => format!("{scheme}://{}@{host}", user.split(':').next().unwrap_or("")),
         None => url.to_owned(),

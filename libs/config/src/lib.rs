@@ -140,7 +140,8 @@ pub struct VaultSettings {
     /// The KV mount holding Socle's secrets (default `secret`).
     pub mount: Option<String>,
     /// The path, under `mount`, of the configuration overrides of this
-    /// service (e.g. `socle/crm`); unset means no override layer.
+    /// service (e.g. `socle/crm/config`; keep secrets at another path, such
+    /// as `socle/crm/secrets`); unset means no override layer.
     pub config_path: Option<String>,
     /// KV engine version: 2 (HashiCorp Vault default) or 1.
     pub kv_version: Option<u8>,
@@ -191,7 +192,15 @@ pub async fn load<T>(sources: &Sources) -> Result<(T, SecretResolver), ConfigErr
 where
     T: DeserializeOwned + Serialize + Default + HasSecretSources,
 {
-    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    load_with_defaults(T::default(), sources).await
+}
+
+/// Like [`load`], with the given defaults as the lowest layer.
+pub async fn load_with_defaults<T>(defaults: T, sources: &Sources) -> Result<(T, SecretResolver), ConfigError>
+where
+    T: DeserializeOwned + Serialize + HasSecretSources,
+{
+    let mut figment = Figment::from(Serialized::defaults(defaults));
     if let Some(file) = &sources.file {
         if file.exists() {
             figment = figment.merge(Toml::file_exact(file));

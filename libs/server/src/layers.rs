@@ -11,6 +11,7 @@
 //! 4. [`AuthzLayer`](crate::authz::AuthzLayer): the declared access rule.
 
 use std::{
+    collections::HashSet,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -185,19 +186,34 @@ impl HttpBody for ObservedBody {
 pub struct GuardLayer {
     permits: Arc<Semaphore>,
     timeout: Duration,
+    stream_timeout: Duration,
+    streaming: Arc<HashSet<String>>,
 }
 
 impl GuardLayer {
-    /// At most `max_in_flight` concurrent calls, each at most `timeout` long.
-    pub fn new(max_in_flight: usize, timeout: Duration) -> Self {
-        GuardLayer { permits: Arc::new(Semaphore::new(max_in_flight)), timeout }
+    /// At most `max_in_flight` concurrent calls, each at most `timeout`
+    /// long — or `stream_timeout` for the client-streaming RPCs in
+    /// `streaming` (uploads), whose duration the client chooses.
+    pub fn new(max_in_flight: usize, timeout: Duration, stream_timeout: Duration, streaming: HashSet<String>) -> Self {
+        GuardLayer {
+            permits: Arc::new(Semaphore::new(max_in_flight)),
+            timeout,
+            stream_timeout,
+            streaming: Arc::new(streaming),
+        }
     }
 }
 
 impl<S> tower::Layer<S> for GuardLayer {
     type Service = GuardService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        GuardService { inner, permits: self.permits.clone(), timeout: self.timeout }
+        GuardService {
+            inner,
+            permits: self.permits.clone(),
+            timeout: self.timeout,
+            stream_timeout: self.stream_timeout,
+            streaming: self.streaming.clone(),
+        }
     }
 }
 
@@ -207,6 +223,8 @@ pub struct GuardService<S> {
     inner: S,
     permits: Arc<Semaphore>,
     timeout: Duration,
+    stream_timeout: Duration,
+    streaming: Arc<HashSet<String>>,
 }
 
 impl<S, B> tower::Service<http::Request<B>> for GuardService<S>
@@ -231,7 +249,8 @@ where
             let response = error.into_status(request_id.as_deref()).into_http();
             return Box::pin(async move { Ok(response) });
         };
-        let timeout = client_timeout(request.headers()).map_or(self.timeout, |t| t.min(self.timeout));
+        let bound = if self.streaming.contains(request.uri().path()) { self.stream_timeout } else { self.timeout };
+        let timeout = client_timeout(request.headers()).map_or(bound, |t| t.min(bound));
         let future = self.inner.call(request);
         Box::pin(async move {
             let result = tokio::time::timeout(timeout, future).await;

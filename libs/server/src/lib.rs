@@ -35,6 +35,8 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     /// Upper bound of any call, in milliseconds (a shorter `grpc-timeout` wins).
     pub request_timeout_ms: u64,
+    /// Upper bound of a client-streaming call (an upload), in milliseconds.
+    pub stream_timeout_ms: u64,
     /// Calls handled at once; beyond, calls are shed with `RESOURCE_EXHAUSTED`.
     pub max_in_flight: usize,
     /// How long in-flight calls may drain after the shutdown signal.
@@ -46,6 +48,7 @@ impl Default for ServerSettings {
         ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 50050)),
             request_timeout_ms: 30_000,
+            stream_timeout_ms: 600_000,
             max_in_flight: 512,
             shutdown_grace_ms: 10_000,
         }
@@ -211,6 +214,8 @@ impl ServiceHost {
             .layer(layers::GuardLayer::new(
                 self.settings.max_in_flight,
                 Duration::from_millis(self.settings.request_timeout_ms),
+                Duration::from_millis(self.settings.stream_timeout_ms),
+                client_streaming_paths(self.pool),
             ))
             .layer(authz::AuthzLayer::new(table, self.authorizer))
             .into_inner();
@@ -250,6 +255,14 @@ impl ServiceHost {
         tracing::info!(service = self.name, "stopped");
         Ok(())
     }
+}
+
+fn client_streaming_paths(pool: &DescriptorPool) -> std::collections::HashSet<String> {
+    pool.services()
+        .flat_map(|s| s.methods().collect::<Vec<_>>())
+        .filter(|m| m.is_client_streaming())
+        .map(|m| format!("/{}/{}", m.parent_service().full_name(), m.name()))
+        .collect()
 }
 
 /// The pool's files with only the services in `served` left in them.
@@ -339,6 +352,7 @@ pub fn shutdown_signal() -> Shutdown {
 /// `<binary> check-config` validates the configuration and exits.
 pub fn run_main<F, Fut>(
     name: &'static str,
+    port: u16,
     run: F,
     migrate: fn(ServiceConfig, SecretResolver) -> MigrateFuture,
 ) -> anyhow::Result<()>
@@ -349,12 +363,16 @@ where
     let command = std::env::args().nth(1).unwrap_or_else(|| "serve".into());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let (config, secrets) = socle_config::load::<ServiceConfig>(&Sources::from_process())
+        let mut defaults = ServiceConfig::default();
+        defaults.server.listen = SocketAddr::from(([127, 0, 0, 1], port));
+        let (config, secrets) = socle_config::load_with_defaults(defaults, &Sources::from_process())
             .await
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
         let _telemetry = socle_telemetry::init(name, &config.telemetry)?;
         match command.as_str() {
             "check-config" => {
+                // Secrets are resolved too: a wrong locator fails here, not at start.
+                config.database.resolve(&secrets).await?;
                 println!("{name}: configuration is valid");
                 Ok(())
             }

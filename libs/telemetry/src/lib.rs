@@ -236,3 +236,45 @@ impl RpcMetrics {
         self.duration.record(elapsed.as_secs_f64(), &attributes);
     }
 }
+
+/// RED metrics of HTTP requests at the edge, following the OpenTelemetry
+/// HTTP semantic conventions (the route template is not a label: it would
+/// multiply series by the number of routes; traces carry it).
+#[derive(Clone)]
+pub struct HttpMetrics {
+    requests: Counter<u64>,
+    duration: Histogram<f64>,
+}
+
+impl HttpMetrics {
+    /// Instruments on the global meter for `service`.
+    pub fn new(service: &'static str) -> Self {
+        Self::from_meter(&global::meter(service))
+    }
+
+    /// Instruments on a given meter.
+    pub fn from_meter(meter: &opentelemetry::metrics::Meter) -> Self {
+        HttpMetrics {
+            requests: meter
+                .u64_counter("http.server.requests")
+                .with_description("HTTP requests handled, by method, status and protocol")
+                .build(),
+            duration: meter
+                .f64_histogram("http.server.request.duration")
+                .with_unit("s")
+                .with_description("HTTP request handling time")
+                .build(),
+        }
+    }
+
+    /// Records one finished request; `protocol` is `rest`, `grpc` or `grpc-web`.
+    pub fn record(&self, method: &str, status: u16, protocol: &'static str, elapsed: Duration) {
+        let attributes = [
+            KeyValue::new("http.request.method", method.to_owned()),
+            KeyValue::new("http.response.status_code", i64::from(status)),
+            KeyValue::new("socle.protocol", protocol),
+        ];
+        self.requests.add(1, &attributes);
+        self.duration.record(elapsed.as_secs_f64(), &attributes);
+    }
+}

@@ -10,6 +10,14 @@ use socle_testproto::socle::example::v1::{example_service_server::*, *};
 use tokio::{net::TcpListener, sync::oneshot};
 use tonic::{Request, Response, Status};
 
+/// Widgets whose upload stream ended normally (a cut upload must not count).
+static COMPLETED_UPLOADS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Whether an upload for `widget_id` reached its handler's end.
+pub fn upload_completed(widget_id: &str) -> bool {
+    COMPLETED_UPLOADS.lock().expect("lock").iter().any(|w| w == widget_id)
+}
+
 /// The example implementation: echoes its inputs so tests can check the
 /// transcoding of every field kind.
 #[derive(Debug, Clone, Copy, Default)]
@@ -104,6 +112,46 @@ impl ExampleService for Example {
             })
         });
         Ok(Response::new(Box::pin(futures::stream::iter(items.collect::<Vec<_>>()))))
+    }
+
+    async fn upload_widget_file(
+        &self,
+        request: Request<tonic::Streaming<UploadWidgetFileRequest>>,
+    ) -> Result<Response<UploadWidgetFileResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut reply = UploadWidgetFileResponse::default();
+        while let Some(message) = stream.message().await? {
+            if reply.message_count == 0 {
+                reply.widget_id = message.widget_id;
+                reply.filename = message.filename;
+            }
+            reply.message_count += 1;
+            reply.byte_count += message.chunk.len() as i64;
+        }
+        // Only a stream that ended normally counts as a complete file.
+        COMPLETED_UPLOADS.lock().expect("lock").push(reply.widget_id.clone());
+        Ok(Response::new(reply))
+    }
+
+    async fn download_widget_file(
+        &self,
+        request: Request<DownloadWidgetFileRequest>,
+    ) -> Result<Response<BoxStream<'static, Result<DownloadWidgetFileResponse, Status>>>, Status> {
+        let r = request.into_inner();
+        let mut left = r.size.max(0) as usize;
+        let mut first = true;
+        let mut messages = Vec::new();
+        while left > 0 || first {
+            let n = left.min(64 * 1024);
+            messages.push(Ok(DownloadWidgetFileResponse {
+                chunk: vec![b'x'; n],
+                content_type: if first { "text/csv; charset=utf-8".into() } else { String::new() },
+                filename: if first { format!("{}.csv", r.widget_id) } else { String::new() },
+            }));
+            left -= n;
+            first = false;
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(messages))))
     }
 
     async fn forgotten_rule(

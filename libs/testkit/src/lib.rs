@@ -305,22 +305,13 @@ pub async fn spawn_edge(
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (tx, shutdown) = shutdown_pair();
-    let app = socle_edge::router(pool, &config)?;
+    let edge = socle_edge::build(pool, &config)?;
     tokio::spawn(async move {
-        let serve = axum_serve(listener, app, shutdown);
-        if let Err(e) = serve.await {
+        if let Err(e) = edge.serve(listener, shutdown).await {
             tracing::error!(error = %e, "test edge failed");
         }
     });
     Ok(RunningEdge { addr, shutdown: Some(tx) })
-}
-
-async fn axum_serve(
-    listener: TcpListener,
-    app: socle_edge::AxumRouter,
-    shutdown: socle_server::Shutdown,
-) -> std::io::Result<()> {
-    socle_edge::serve_router(listener, app, shutdown).await
 }
 
 /// Every service and the edge, in this process.

@@ -8,6 +8,9 @@ use socle_db::{EmbeddedMigrations, embed_migrations};
 use socle_proto::socle::cms::v1::*;
 use socle_server::{MigrateFuture, ServerError, ServiceConfig, ServiceContext, ServiceHost};
 
+/// The default gRPC port.
+pub const DEFAULT_PORT: u16 = 50054;
+
 /// The service name (logs, metrics, health).
 pub const NAME: &str = "cms";
 

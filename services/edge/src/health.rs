@@ -4,7 +4,13 @@
 //! any service through the edge on gRPC, gRPC-web and REST
 //! (`GET /api/v1/health?service=socle.crm.v1.OrganizationService`).
 
-use std::pin::Pin;
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use tonic_health::pb::{
     HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus, health_client::HealthClient,
@@ -17,12 +23,13 @@ use crate::upstream::Upstreams;
 #[derive(Clone)]
 pub struct EdgeHealth {
     upstreams: Upstreams,
+    serving: Arc<AtomicBool>,
 }
 
 impl EdgeHealth {
     /// An aggregator over `upstreams`.
-    pub fn new(upstreams: Upstreams) -> Self {
-        EdgeHealth { upstreams }
+    pub fn new(upstreams: Upstreams, serving: Arc<AtomicBool>) -> Self {
+        EdgeHealth { upstreams, serving }
     }
 }
 
@@ -34,7 +41,10 @@ impl Health for EdgeHealth {
     ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
         let service = request.get_ref().service.clone();
         if service.is_empty() {
-            return Ok(tonic::Response::new(HealthCheckResponse { status: ServingStatus::Serving as i32 }));
+            // The edge itself: NOT_SERVING once it is shutting down.
+            let status =
+                if self.serving.load(Ordering::SeqCst) { ServingStatus::Serving } else { ServingStatus::NotServing };
+            return Ok(tonic::Response::new(HealthCheckResponse { status: status as i32 }));
         }
         let upstream = self
             .upstreams

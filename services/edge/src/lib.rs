@@ -13,7 +13,15 @@
 //!
 //! Errors are `application/problem+json`; client mistakes are 4xx, never 5xx.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{Router, body::Body, extract::State, response::IntoResponse, routing::get};
 use http::{HeaderValue, Method, header};
@@ -45,6 +53,8 @@ pub struct EdgeServerSettings {
     pub max_body_bytes: usize,
     /// Upper bound of a REST call, in milliseconds.
     pub request_timeout_ms: u64,
+    /// How long in-flight requests may drain after the shutdown signal.
+    pub shutdown_grace_ms: u64,
     /// Largest accepted upload (client-streaming RPCs such as CSV imports), in bytes.
     pub max_upload_bytes: usize,
     /// Upper bound of an upload, in milliseconds.
@@ -57,6 +67,7 @@ impl Default for EdgeServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 1024 * 1024,
             request_timeout_ms: 30_000,
+            shutdown_grace_ms: 10_000,
             max_upload_bytes: 64 * 1024 * 1024,
             upload_timeout_ms: 600_000,
         }
@@ -148,8 +159,23 @@ pub enum EdgeError {
     Io(#[from] std::io::Error),
 }
 
+/// The edge, built and ready to serve.
+pub struct Edge {
+    /// The HTTP router (REST, gRPC, gRPC-web, OpenAPI).
+    pub router: Router,
+    serving: Arc<AtomicBool>,
+    grace: Duration,
+}
+
 /// Builds the edge's router from a descriptor pool and configuration.
 pub fn router(pool: &DescriptorPool, config: &EdgeConfig) -> Result<Router, EdgeError> {
+    build(pool, config).map(|edge| edge.router)
+}
+
+/// Builds the edge from a descriptor pool and configuration: routes are
+/// derived from the descriptors; a malformed or conflicting rule fails here.
+pub fn build(pool: &DescriptorPool, config: &EdgeConfig) -> Result<Edge, EdgeError> {
+    let serving = Arc::new(AtomicBool::new(true));
     let mut pool = pool.clone();
     if pool.get_service_by_name("grpc.health.v1.Health").is_none() {
         pool.decode_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -160,7 +186,8 @@ pub fn router(pool: &DescriptorPool, config: &EdgeConfig) -> Result<Router, Edge
         upstreams.connect(key, url).map_err(EdgeError::Setup)?;
     }
     // The edge answers health itself, aggregating the upstreams.
-    let health = tonic_health::pb::health_server::HealthServer::new(health::EdgeHealth::new(upstreams.clone()));
+    let health =
+        tonic_health::pb::health_server::HealthServer::new(health::EdgeHealth::new(upstreams.clone(), serving.clone()));
     upstreams.insert("grpc.health.v1.Health", upstream::boxed(health));
     // And gRPC reflection over everything it routes, so that `buf curl` or
     // `grpcurl` need no local schema.
@@ -227,10 +254,10 @@ pub fn router(pool: &DescriptorPool, config: &EdgeConfig) -> Result<Router, Edge
             }
         })
         .with_state(state)
-        .layer(axum::middleware::from_fn(observe))
+        .layer(axum::middleware::from_fn_with_state(socle_telemetry::HttpMetrics::new("edge"), observe))
         .layer(cors(&config.cors)?)
         .layer(RequestIdLayer);
-    Ok(router)
+    Ok(Edge { router, serving, grace: Duration::from_millis(config.server.shutdown_grace_ms) })
 }
 
 fn is_grpc(request: &http::Request<Body>) -> bool {
@@ -251,7 +278,16 @@ async fn docs_html(State(state): State<Arc<EdgeState>>) -> impl IntoResponse {
 
 /// A span per HTTP request (child of the caller's `traceparent`), HTTP RED
 /// metrics and an access log line.
-async fn observe(request: http::Request<Body>, next: axum::middleware::Next) -> http::Response<Body> {
+async fn observe(
+    State(metrics): State<socle_telemetry::HttpMetrics>,
+    request: http::Request<Body>,
+    next: axum::middleware::Next,
+) -> http::Response<Body> {
+    let protocol = match request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        Some(t) if t.starts_with("application/grpc-web") => "grpc-web",
+        Some(t) if t.starts_with("application/grpc") => "grpc",
+        _ => "rest",
+    };
     let request_id = request.extensions().get::<socle_server::RequestId>().map(|r| r.0.clone()).unwrap_or_default();
     let span = tracing::info_span!(
         "http",
@@ -264,13 +300,10 @@ async fn observe(request: http::Request<Body>, next: axum::middleware::Next) -> 
     let started = std::time::Instant::now();
     let method = request.method().clone();
     let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    let elapsed = started.elapsed();
+    metrics.record(method.as_str(), response.status().as_u16(), protocol, elapsed);
     let _entered = span.enter();
-    tracing::info!(
-        %method,
-        status = response.status().as_u16(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "request finished"
-    );
+    tracing::info!(%method, status = response.status().as_u16(), protocol, elapsed_ms = elapsed.as_millis() as u64, "request finished");
     response
 }
 
@@ -303,7 +336,34 @@ fn cors(settings: &CorsSettings) -> Result<CorsLayer, EdgeError> {
         .max_age(Duration::from_secs(settings.max_age_secs)))
 }
 
-pub use axum::Router as AxumRouter;
+impl Edge {
+    /// Serves HTTP/1.1 and HTTP/2 cleartext on `listener` until `shutdown`:
+    /// then its own health turns `NOT_SERVING`, the listener closes and
+    /// in-flight requests have `server.shutdown_grace_ms` to finish.
+    pub async fn serve(self, listener: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+        let address = listener.local_addr()?;
+        tracing::info!(%address, "edge serving");
+        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let serving = self.serving.clone();
+        let signal = async move {
+            shutdown.await;
+            serving.store(false, Ordering::SeqCst);
+            tracing::info!("edge shutting down: draining in-flight requests");
+            let _ = stopping_tx.send(());
+        };
+        let server = axum::serve(listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(signal);
+        let grace = self.grace;
+        tokio::select! {
+            result = server => result?,
+            _ = async { if stopping_rx.await.is_ok() { tokio::time::sleep(grace).await } else { std::future::pending().await } } => {
+                tracing::warn!("edge shutdown grace period elapsed, closing remaining requests");
+            }
+        }
+        tracing::info!("edge stopped");
+        Ok(())
+    }
+}
 
 /// Serves the edge on `listener` until `shutdown`.
 pub async fn serve(
@@ -312,20 +372,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> Result<(), EdgeError> {
-    let app = router(pool, config)?;
-    serve_router(listener, app, shutdown).await?;
-    Ok(())
-}
-
-/// Serves an edge router (HTTP/1.1 and HTTP/2 cleartext) until `shutdown`,
-/// then lets in-flight requests finish.
-pub async fn serve_router(listener: TcpListener, app: Router, shutdown: Shutdown) -> std::io::Result<()> {
-    let address = listener.local_addr()?;
-    tracing::info!(%address, "edge serving");
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    tracing::info!("edge stopped");
+    build(pool, config)?.serve(listener, shutdown).await?;
     Ok(())
 }
 
@@ -337,10 +384,14 @@ pub fn main() -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("edge: {e}"))?;
         let _telemetry = socle_telemetry::init("edge", &config.telemetry)?;
-        if std::env::args().nth(1).as_deref() == Some("check-config") {
-            let _routes = router(&default_pool(), &config)?;
-            println!("edge: configuration is valid");
-            return Ok(());
+        match std::env::args().nth(1).as_deref() {
+            None | Some("serve") => {}
+            Some("check-config") => {
+                let _edge = build(&default_pool(), &config)?;
+                println!("edge: configuration is valid");
+                return Ok(());
+            }
+            Some(other) => anyhow::bail!("edge: unknown command `{other}` (serve, check-config)"),
         }
         let listener = TcpListener::bind(config.server.listen).await?;
         serve(&default_pool(), &config, listener, socle_server::shutdown_signal()).await?;

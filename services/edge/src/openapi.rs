@@ -122,9 +122,14 @@ fn operation(route: &Route, comments: &Comments, needed: &mut BTreeSet<String>) 
             }));
         }
     }
-    if matches!(route.body, BodyRule::None) {
+    // Query parameters: every field not bound to the path or the body.
+    let body_field = match &route.body {
+        BodyRule::Field(f) => Some(f.name().to_owned()),
+        _ => None,
+    };
+    if !matches!(route.body, BodyRule::All) {
         for field in input.fields() {
-            if bound.contains(field.name()) || field.is_map() {
+            if bound.contains(field.name()) || field.is_map() || body_field.as_deref() == Some(field.name()) {
                 continue;
             }
             if let Kind::Message(m) = field.kind()
@@ -169,6 +174,16 @@ fn operation(route: &Route, comments: &Comments, needed: &mut BTreeSet<String>) 
                 json!({ "required": true, "content": { "application/json": { "schema": reference(input.full_name()) } } }),
             );
         }
+        // An upload: the raw body is streamed into the bytes field.
+        BodyRule::Field(field) if method.is_client_streaming() => {
+            let description = comments.field(field).unwrap_or("The file.");
+            op.insert(
+                "requestBody".into(),
+                json!({ "required": true, "description": description, "content": {
+                    "application/octet-stream": { "schema": { "type": "string", "contentMediaType": "application/octet-stream" } }
+                } }),
+            );
+        }
         BodyRule::Field(field) => {
             let schema = field_schema(field, needed);
             op.insert(
@@ -177,6 +192,8 @@ fn operation(route: &Route, comments: &Comments, needed: &mut BTreeSet<String>) 
             );
         }
     }
+    let raw_download =
+        method.is_server_streaming() && route.response_body.as_ref().is_some_and(|f| f.kind() == Kind::Bytes);
     let output = match &route.response_body {
         Some(field) => field_schema(field, needed),
         None => {
@@ -184,8 +201,14 @@ fn operation(route: &Route, comments: &Comments, needed: &mut BTreeSet<String>) 
             reference(method.output().full_name())
         }
     };
-    let (content_type, schema) =
-        if method.is_server_streaming() { ("application/x-ndjson", output) } else { ("application/json", output) };
+    let (content_type, schema) = if raw_download {
+        // The media type is chosen by the service (its `content_type` field).
+        ("*/*", json!({ "type": "string", "contentMediaType": "application/octet-stream" }))
+    } else if method.is_server_streaming() {
+        ("application/x-ndjson", output)
+    } else {
+        ("application/json", output)
+    };
     let problem = json!({ "application/problem+json": { "schema": { "$ref": "#/components/schemas/Problem" } } });
     op.insert(
         "responses".into(),
@@ -304,6 +327,11 @@ fn problem_schema() -> Json {
             "code": { "type": "string", "description": "The gRPC status code name." },
             "reason": { "type": "string", "description": "A machine-readable reason, e.g. ETAG_MISMATCH." },
             "requestId": { "type": "string" },
+            "details": {
+                "type": "array",
+                "description": "Service-specific details in proto3 JSON, each with its `@type`.",
+                "items": { "type": "object", "properties": { "@type": { "type": "string" } } }
+            },
             "violations": {
                 "type": "array",
                 "items": {

@@ -5,6 +5,8 @@
 //! the response rendered in proto3 JSON (int64 as strings, enums as names,
 //! timestamps in RFC 3339).
 
+use std::time::Duration;
+
 use axum::body::Body;
 use bytes::{Buf, BufMut, Bytes};
 use futures::StreamExt;
@@ -35,9 +37,21 @@ const FORWARDED_HEADERS: &[&str] =
 /// Handles one REST request.
 pub async fn handle(state: &EdgeState, request: http::Request<Body>) -> http::Response<Body> {
     let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone());
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     match transcode(state, request).await {
         Ok(response) => response,
-        Err(status) => problem_response(&state.pool, &status, request_id.as_deref()),
+        Err(status) => {
+            let mut response = problem_response(&state.pool, &status, request_id.as_deref());
+            if response.status() == StatusCode::METHOD_NOT_ALLOWED
+                && let Match::WrongVerb(verbs) = state.routes.find(&method, &path)
+            {
+                let allow = verbs.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+                if let Ok(value) = HeaderValue::from_str(&allow) {
+                    response.headers_mut().insert(header::ALLOW, value);
+                }
+            }
+            response
+        }
     }
 }
 
@@ -297,11 +311,15 @@ async fn upload(
         DynamicMessage::deserialize_with_options(input.clone(), Json::Object(object), &DeserializeOptions::new())
             .map_err(|e| status(Error::invalid_argument(format!("invalid request: {e}")), rid))?;
 
+    // A failed upload (too large, or the client went away) must reach the
+    // upstream as an error, never as the end of a shorter file: the request
+    // body is then failed, which resets the HTTP/2 stream.
     let (overflow_tx, overflow_rx) = tokio::sync::oneshot::channel::<tonic::Status>();
+    let (abort_tx, abort_rx) = futures::channel::oneshot::channel::<()>();
     let limit = state.max_upload_bytes;
     let field = field.clone();
     let messages = futures::stream::unfold(
-        (body.into_data_stream(), Some(first), 0usize, Some(overflow_tx), Bytes::new()),
+        (body.into_data_stream(), Some(first), 0usize, Some((overflow_tx, abort_tx)), Bytes::new()),
         move |(mut data, mut first, mut total, mut overflow, mut pending)| {
             let field = field.clone();
             let input = input.clone();
@@ -317,17 +335,19 @@ async fn upload(
                         Some(Ok(bytes)) => {
                             total += bytes.len();
                             if total > limit {
-                                if let Some(tx) = overflow.take() {
-                                    let _ = tx.send(tonic::Status::invalid_argument("upload too large"));
+                                if let Some((reason, abort)) = overflow.take() {
+                                    let _ = reason.send(tonic::Status::invalid_argument("upload too large"));
+                                    let _ = abort.send(());
                                 }
-                                // Never end the stream: the call is cancelled instead.
+                                // Never end the stream: the body fails instead.
                                 futures::future::pending::<()>().await;
                             }
                             pending = bytes;
                         }
                         Some(Err(_)) => {
-                            if let Some(tx) = overflow.take() {
-                                let _ = tx.send(tonic::Status::invalid_argument("the upload was interrupted"));
+                            if let Some((reason, abort)) = overflow.take() {
+                                let _ = reason.send(tonic::Status::invalid_argument("the upload was interrupted"));
+                                let _ = abort.send(());
                             }
                             futures::future::pending::<()>().await;
                         }
@@ -344,22 +364,35 @@ async fn upload(
         .upstreams
         .for_service(route.method.parent_service().full_name())
         .ok_or_else(|| status(Error::unavailable("no upstream serves this API"), rid))?;
+    let abort = std::sync::Arc::new(std::sync::Mutex::new(Some(abort_rx)));
+    let upstream = crate::upstream::boxed(tower::ServiceExt::map_request(
+        upstream,
+        move |request: http::Request<tonic::body::Body>| {
+            let abort = abort.lock().expect("abort lock").take();
+            request.map(|inner| tonic::body::Body::new(AbortableBody { inner, abort }))
+        },
+    ));
     let mut request = tonic::Request::new(messages);
     forward_headers(&parts.headers, request.metadata_mut());
     request.set_timeout(state.upload_timeout);
     let path: http::uri::PathAndQuery = route.grpc_path().parse().expect("valid gRPC path");
     let codec = DynamicCodec(route.method.output());
     let mut grpc = tonic::client::Grpc::new(upstream);
-    let call = async {
+    let call = async move {
         grpc.ready().await.map_err(|e| tonic::Status::unavailable(format!("upstream unavailable: {e}")))?;
         grpc.client_streaming(request, path, codec).await
     };
-    let response = tokio::select! {
-        result = tokio::time::timeout(state.upload_timeout, call) => match result {
-            Ok(result) => result.map_err(|s| upstream_status(s, rid))?,
-            Err(_) => return Err(status(Error::new(Code::DeadlineExceeded, "the upload took too long"), rid)),
-        },
-        Ok(problem) = overflow_rx => {
+    let mut call = Box::pin(tokio::time::timeout(state.upload_timeout, call));
+    let outcome = tokio::select! {
+        result = &mut call => Ok(result),
+        Ok(problem) = overflow_rx => Err(problem),
+    };
+    let response = match outcome {
+        Ok(Ok(result)) => result.map_err(|s| upstream_status(s, rid))?,
+        Ok(Err(_)) => return Err(status(Error::new(Code::DeadlineExceeded, "the upload took too long"), rid)),
+        Err(problem) => {
+            // Let the failed body reset the upstream stream before answering.
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut call).await;
             return Err(if problem.message() == "upload too large" {
                 too_large()
             } else {
@@ -371,6 +404,45 @@ async fn upload(
     let mut http_response = http::Response::new(Body::from(json));
     http_response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(http_response)
+}
+
+/// A request body that fails when `abort` fires, so that HTTP/2 resets the
+/// stream instead of ending it.
+struct AbortableBody {
+    inner: tonic::body::Body,
+    abort: Option<futures::channel::oneshot::Receiver<()>>,
+}
+
+impl http_body::Body for AbortableBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        use std::{future::Future, task::Poll};
+        if let Some(abort) = self.abort.as_mut() {
+            match std::pin::Pin::new(abort).poll(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.abort = None;
+                    return Poll::Ready(Some(Err(tonic::Status::cancelled("the upload was aborted"))));
+                }
+                // The stream finished normally: nothing can abort it now.
+                Poll::Ready(Err(_)) => self.abort = None,
+                Poll::Pending => {}
+            }
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.abort.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn render(message: &DynamicMessage, route: &Route) -> Result<Vec<u8>, serde_json::Error> {

@@ -393,3 +393,49 @@ async fn request_id_trace_context_and_acting_entity_reach_the_service() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["requestId"], minted);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_stream_the_raw_body_and_downloads_stream_raw_bytes() {
+    let s = setup().await;
+    let body = vec![b'a'; 3 * 1024 * 1024 + 10];
+    let uploaded: Value = s
+        .http
+        .post(s.url("/api/v1/widgets/w1/file?filename=membres.csv"))
+        .header("content-type", "text/csv")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(uploaded["widgetId"], "w1");
+    assert_eq!(uploaded["filename"], "membres.csv");
+    assert_eq!(uploaded["byteCount"], (body.len()).to_string());
+    assert!(uploaded["messageCount"].as_i64().unwrap() >= 4, "at most 1 MiB per message: {uploaded}");
+    assert!(socle_testkit::example::upload_completed("w1"));
+
+    let download = s.http.get(s.url("/api/v1/widgets/w1/file?size=200000")).send().await.unwrap();
+    assert_eq!(download.status(), 200);
+    assert_eq!(download.headers()["content-type"], "text/csv; charset=utf-8");
+    assert_eq!(download.headers()["content-disposition"], "attachment; filename=\"w1.csv\"");
+    assert_eq!(download.bytes().await.unwrap().len(), 200_000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_over_the_limit_is_413_and_never_completes_upstream() {
+    let s = setup_with(|c| c.server.max_upload_bytes = 1024 * 1024).await;
+    // Streamed without a length, so the edge finds out while forwarding.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..4).map(|_| Ok(vec![b'z'; 512 * 1024])).collect();
+    let response = s
+        .http
+        .post(s.url("/api/v1/widgets/too-big/file"))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    let problem = s.problem(response, 413).await;
+    assert_eq!(problem["reason"], "PAYLOAD_TOO_LARGE");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!socle_testkit::example::upload_completed("too-big"), "a cut upload must not complete");
+}

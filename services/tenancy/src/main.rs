@@ -1,3 +1,3 @@
 fn main() -> anyhow::Result<()> {
-    socle_server::run_main(socle_tenancy::NAME, socle_tenancy::run, socle_tenancy::migrate)
+    socle_server::run_main(socle_tenancy::NAME, socle_tenancy::DEFAULT_PORT, socle_tenancy::run, socle_tenancy::migrate)
 }
