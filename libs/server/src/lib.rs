@@ -41,6 +41,8 @@ pub struct ServerSettings {
     pub max_in_flight: usize,
     /// How long in-flight calls may drain after the shutdown signal.
     pub shutdown_grace_ms: u64,
+    /// How often readiness checks the database, in milliseconds.
+    pub readiness_probe_ms: u64,
 }
 
 impl Default for ServerSettings {
@@ -51,6 +53,7 @@ impl Default for ServerSettings {
             stream_timeout_ms: 600_000,
             max_in_flight: 512,
             shutdown_grace_ms: 10_000,
+            readiness_probe_ms: 5_000,
         }
     }
 }
@@ -188,7 +191,9 @@ impl ServiceHost {
             health.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
         }
         health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-        let probe = self.database.map(|db| tokio::spawn(probe_database(db, health.clone(), self.served.clone())));
+        let every = Duration::from_millis(self.settings.readiness_probe_ms.max(10));
+        let probe =
+            self.database.map(|db| tokio::spawn(probe_database(db, every, health.clone(), self.served.clone())));
 
         // Reflection describes what this server serves, not every contract.
         let descriptors = served_descriptor_set(self.pool, &self.served);
@@ -282,12 +287,13 @@ fn served_descriptor_set(pool: &DescriptorPool, served: &[&'static str]) -> Vec<
 
 async fn probe_database(
     db: socle_db::Database,
+    every: Duration,
     health: tonic_health::server::HealthReporter,
     served: Vec<&'static str>,
 ) {
     let mut serving = true;
     loop {
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(every).await;
         let ok = db.ping().await.is_ok();
         if ok != serving {
             serving = ok;

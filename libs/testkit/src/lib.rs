@@ -193,6 +193,14 @@ fn shutdown_pair() -> (oneshot::Sender<()>, socle_server::Shutdown) {
 /// start-up by the service itself, as the owner) and waits until its gRPC
 /// health reports `SERVING`.
 pub async fn spawn_service(service: Service) -> anyhow::Result<RunningService> {
+    spawn_service_with(service, |_| {}).await
+}
+
+/// Like [`spawn_service`], with configuration adjusted by `adjust`.
+pub async fn spawn_service_with(
+    service: Service,
+    adjust: impl FnOnce(&mut ServiceConfig),
+) -> anyhow::Result<RunningService> {
     let database = TestDatabase::create(service.name()).await?;
     let dir = tempfile::tempdir()?;
     let secrets_file = dir.path().join("secrets.toml");
@@ -205,6 +213,7 @@ pub async fn spawn_service(service: Service) -> anyhow::Result<RunningService> {
     config.database.migrate_on_start = true;
     config.database.app_role = Some(database.app_role.clone());
     config.database.max_connections = 4;
+    adjust(&mut config);
     config.secrets = SecretsSettings { file: Some(secrets_file.clone()) };
     let secrets = load_resolver(&config).await?;
 
