@@ -17,6 +17,17 @@ struct Label {
     label: String,
 }
 
+/// Inserts one row (the caller's transaction decides the scope).
+async fn insert(conn: &mut socle_db::Connection, entity: Uuid, label: &str) -> Result<(), DbError> {
+    diesel::sql_query("INSERT INTO things (id, entity_id, label) VALUES ($1, $2, $3)")
+        .bind::<diesel::sql_types::Uuid, _>(Uuid::new_v4())
+        .bind::<diesel::sql_types::Uuid, _>(entity)
+        .bind::<Text, _>(label.to_owned())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 struct Fixture {
     db: Database,
     a: Uuid,
@@ -39,12 +50,7 @@ async fn fixture() -> Fixture {
     db.transaction(&EntityScope::System, |conn| {
         Box::pin(async move {
             for (entity, label) in [(a, "a1"), (a, "a2"), (b, "b1")] {
-                diesel::sql_query("INSERT INTO things (id, entity_id, label) VALUES ($1, $2, $3)")
-                    .bind::<diesel::sql_types::Uuid, _>(Uuid::new_v4())
-                    .bind::<diesel::sql_types::Uuid, _>(entity)
-                    .bind::<Text, _>(label)
-                    .execute(conn)
-                    .await?;
+                insert(conn, entity, label).await?;
             }
             Ok::<_, DbError>(())
         })
@@ -84,11 +90,7 @@ async fn writing_into_another_entity_is_refused_and_rolled_back() {
     let result =
         f.db.transaction(&EntityScope::entity(f.a), |conn| {
             Box::pin(async move {
-                diesel::sql_query("INSERT INTO things (id, entity_id, label) VALUES ($1, $2, 'intruder')")
-                    .bind::<diesel::sql_types::Uuid, _>(Uuid::new_v4())
-                    .bind::<diesel::sql_types::Uuid, _>(b)
-                    .execute(conn)
-                    .await?;
+                insert(conn, b, "intruder").await?;
                 Ok::<_, DbError>(())
             })
         })
@@ -105,17 +107,9 @@ async fn an_error_rolls_back_the_whole_transaction() {
     let result =
         f.db.transaction(&EntityScope::entity(a), |conn| {
             Box::pin(async move {
-                diesel::sql_query("INSERT INTO things (id, entity_id, label) VALUES ($1, $2, 'a3')")
-                    .bind::<diesel::sql_types::Uuid, _>(Uuid::new_v4())
-                    .bind::<diesel::sql_types::Uuid, _>(a)
-                    .execute(conn)
-                    .await?;
+                insert(conn, a, "a3").await?;
                 // Duplicate label: unique violation after a successful insert.
-                diesel::sql_query("INSERT INTO things (id, entity_id, label) VALUES ($1, $2, 'a1')")
-                    .bind::<diesel::sql_types::Uuid, _>(Uuid::new_v4())
-                    .bind::<diesel::sql_types::Uuid, _>(a)
-                    .execute(conn)
-                    .await?;
+                insert(conn, a, "a1").await?;
                 Ok::<_, DbError>(())
             })
         })
@@ -132,11 +126,7 @@ async fn constraint_violations_map_to_field_errors_without_sql() {
     let result =
         f.db.transaction(&EntityScope::entity(a), |conn| {
             Box::pin(async move {
-                diesel::sql_query("INSERT INTO things (id, entity_id, label) VALUES ($1, $2, '')")
-                    .bind::<diesel::sql_types::Uuid, _>(Uuid::new_v4())
-                    .bind::<diesel::sql_types::Uuid, _>(a)
-                    .execute(conn)
-                    .await?;
+                insert(conn, a, "").await?;
                 Ok::<_, DbError>(())
             })
         })
