@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 mod postgres;
+mod seed;
 
 #[derive(Parser)]
 #[command(about = "Socle developer tasks")]
@@ -222,7 +223,13 @@ async fn dev(edge_addr: &str, release: bool) -> anyhow::Result<()> {
     children.push(("edge".into(), spawn(&target_dir(release).join("socle-edge"), &edge_path, "edge")?));
 
     let base = format!("http://{edge_addr}");
-    let ready = wait_ready(&base, &mut children).await;
+    let mut ready = wait_ready(&base, &mut children).await;
+    if ready.is_ok() {
+        let tenancy_url =
+            with_user(&with_database(&postgres::redact(&pg.admin_url), "socle_tenancy"), "socle_tenancy_app");
+        let password = secrets["tenancy_db_password"].as_str().expect("string password");
+        ready = seed::demo_tree(&base, &tenancy_url, password).await;
+    }
     match &ready {
         Ok(()) => {
             println!("\nSocle is running.");

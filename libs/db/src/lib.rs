@@ -26,6 +26,7 @@ use socle_errors::{Code, Error};
 use uuid::Uuid;
 
 pub mod admin;
+pub mod idempotency;
 
 pub use diesel_async::AsyncPgConnection as Connection;
 
@@ -46,6 +47,20 @@ CREATE OR REPLACE FUNCTION socle_entity_visible(entity uuid) RETURNS boolean
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
   SELECT current_setting('socle.entity_scope', true) = '*' OR entity = ANY (socle_entity_scope())
 $$;
+-- Accent- and case-insensitive folding for French text search without the
+-- unaccent extension (which needs a superuser to install).
+CREATE OR REPLACE FUNCTION socle_fold(value text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT translate(lower(value), 'àâäáãåçéèêëíìîïñóòôöõúùûüýÿœæ', 'aaaaaaceeeeiiiinooooouuuuyyoa')
+$$;
+-- Idempotency keys of creates: `request_id` → the resource first created.
+CREATE TABLE IF NOT EXISTS socle_idempotency (
+  method text NOT NULL,
+  request_id uuid NOT NULL,
+  resource_id uuid NOT NULL,
+  create_time timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (method, request_id)
+);
 "#;
 
 /// `[database]` settings.

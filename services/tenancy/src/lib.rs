@@ -1,9 +1,13 @@
 //! Tenancy: the entity tree, roles, grants and access decisions.
 //!
 //! The service's contract is `socle.tenancy.v1` (see `proto/socle/tenancy/v1/`).
-//! Every RPC already exists, guarded by the authorization layer; those not
-//! implemented yet answer `UNIMPLEMENTED`.
+//! Every RPC already exists, guarded by the authorization layer. Built: the
+//! entity tree ([`entities`]). Roles, grants and access decisions answer
+//! `UNIMPLEMENTED` until they are built (issue 3).
 
+pub mod entities;
+
+pub use entities::ensure_root;
 use socle_db::{EmbeddedMigrations, embed_migrations};
 use socle_proto::socle::tenancy::v1::*;
 use socle_server::{MigrateFuture, ServerError, ServiceConfig, ServiceContext, ServiceHost};
@@ -22,11 +26,11 @@ pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
     let database = socle_server::open_database(&ctx.config.database, &ctx.secrets, MIGRATIONS).await?;
     let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
         .authorizer(ctx.authorizer)
-        .readiness_database(database);
+        .readiness_database(database.clone())
+        .add_service(entity_service_server::EntityServiceServer::new(entities::EntityApi::new(database)));
     let host = socle_server::unimplemented_services!(
         host,
         access_service_server::{AccessServiceServer, AccessService},
-        entity_service_server::{EntityServiceServer, EntityService},
         grant_service_server::{GrantServiceServer, GrantService},
         role_service_server::{RoleServiceServer, RoleService},
     );

@@ -1,0 +1,2 @@
+DROP TABLE entity_closure;
+DROP TABLE entities;
