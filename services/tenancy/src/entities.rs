@@ -18,6 +18,8 @@ use socle_proto::socle::{
     r#type::v1::PostalAddress,
 };
 use tonic::{Request, Response, Status};
+
+use crate::common::{Count, acting_entity, bump_policy, reply, rid, timestamp};
 use uuid::Uuid;
 
 /// Fields UpdateEntity may change.
@@ -42,7 +44,7 @@ pub struct EntityRow {
     #[diesel(sql_type = SmallInt)]
     kind: i16,
     #[diesel(sql_type = Text)]
-    display_name: String,
+    pub(crate) display_name: String,
     #[diesel(sql_type = Text)]
     legal_name: String,
     #[diesel(sql_type = Text)]
@@ -70,15 +72,11 @@ pub struct EntityRow {
     #[diesel(sql_type = BigInt)]
     version: i64,
     #[diesel(sql_type = Array<SqlUuid>)]
-    ancestor_ids: Vec<Uuid>,
+    pub(crate) ancestor_ids: Vec<Uuid>,
     #[diesel(sql_type = Integer)]
     depth: i32,
     #[diesel(sql_type = Integer)]
     child_count: i32,
-}
-
-fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
 }
 
 impl EntityRow {
@@ -87,7 +85,7 @@ impl EntityRow {
         self.id
     }
 
-    fn active(&self) -> bool {
+    pub(crate) fn active(&self) -> bool {
         self.state == EntityState::Active as i16
     }
 
@@ -214,7 +212,7 @@ fn conflict(error: DbError) -> Error {
     error.into()
 }
 
-async fn load(conn: &mut AsyncPgConnection, id: Uuid, lock: bool) -> Result<Option<EntityRow>, DbError> {
+pub(crate) async fn load(conn: &mut AsyncPgConnection, id: Uuid, lock: bool) -> Result<Option<EntityRow>, DbError> {
     let sql = format!("{SELECT} WHERE e.id = $1{}", if lock { " FOR UPDATE OF e" } else { "" });
     Ok(diesel::sql_query(sql).bind::<SqlUuid, _>(id).get_result(conn).await.map(Some).or_else(|e| match e {
         DieselError::NotFound => Ok(None),
@@ -288,6 +286,7 @@ pub async fn ensure_root(db: &Database, display_name: &str, code: &str, slug: &s
             }
             let id = Uuid::now_v7();
             insert(conn, id, None, &root).await?;
+            bump_policy(conn).await?;
             Ok(require(conn, id, false).await?.to_proto())
         })
     })
@@ -312,14 +311,6 @@ impl EntityApi {
     ) -> Result<R, Error> {
         self.db.transaction(&EntityScope::System, body).await
     }
-}
-
-fn reply<T>(result: Result<T, Error>, request_id: Option<String>) -> Result<Response<T>, Status> {
-    result.map(Response::new).map_err(|e| e.into_status(request_id.as_deref()))
-}
-
-fn rid<T>(request: &Request<T>) -> Option<String> {
-    socle_server::request_id::of(request).map(str::to_owned)
 }
 
 /// Filters of a list call, in a stable text form (page token fingerprint).
@@ -364,6 +355,7 @@ impl EntityService for EntityApi {
                         return Err(Error::new(Code::FailedPrecondition, "the parent entity is archived"));
                     }
                     insert(conn, id, Some(parent), &entity).await?;
+                    bump_policy(conn).await?;
                     Ok(require(conn, id, false).await?.to_proto())
                 })
             })
@@ -388,7 +380,7 @@ impl EntityService for EntityApi {
         request: Request<ListEntitiesRequest>,
     ) -> Result<Response<ListEntitiesResponse>, Status> {
         let request_id = rid(&request);
-        let acting = request.metadata().get("x-socle-entity").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let acting = acting_entity(&request);
         let r = request.into_inner();
         let result = async {
             let size = page_size(r.page_size)?;
@@ -455,11 +447,6 @@ impl EntityService for EntityApi {
                            AND ($4 OR e.state = 1)
                            AND (cardinality($5::smallint[]) = 0 OR e.kind = ANY($5))
                            AND ($6 = '' OR socle_fold(e.display_name || ' ' || e.legal_name || ' ' || e.code) LIKE '%' || socle_fold($6) || '%')".to_string();
-                    #[derive(QueryableByName)]
-                    struct Count {
-                        #[diesel(sql_type = BigInt)]
-                        n: i64,
-                    }
                     let total: Count = diesel::sql_query(format!("SELECT count(*) AS n {base}"))
                         .bind::<SqlUuid, _>(root)
                         .bind::<Integer, _>(max_depth)
@@ -646,17 +633,13 @@ impl EntityService for EntityApi {
                     .execute(conn)
                     .await
                     .map_err(DbError::from)?;
-                    #[derive(QueryableByName)]
-                    struct Count {
-                        #[diesel(sql_type = BigInt)]
-                        n: i64,
-                    }
                     let moved: Count =
                         diesel::sql_query("SELECT count(*) AS n FROM entity_closure WHERE ancestor_id = $1")
                             .bind::<SqlUuid, _>(id)
                             .get_result(conn)
                             .await
                             .map_err(DbError::from)?;
+                    bump_policy(conn).await?;
                     Ok((require(conn, id, false).await?.to_proto(), moved.n as i32))
                 })
             })
@@ -689,11 +672,6 @@ impl EntityService for EntityApi {
                     if !current.active() {
                         return Err(Error::new(Code::FailedPrecondition, "the entity is already archived"));
                     }
-                    #[derive(QueryableByName)]
-                    struct Count {
-                        #[diesel(sql_type = BigInt)]
-                        n: i64,
-                    }
                     let active_descendants: Count = diesel::sql_query(
                         "SELECT count(*) AS n FROM entity_closure c JOIN entities d ON d.id = c.descendant_id
                           WHERE c.ancestor_id = $1 AND c.depth > 0 AND d.state = 1",
@@ -716,6 +694,7 @@ impl EntityService for EntityApi {
                     .execute(conn)
                     .await
                     .map_err(DbError::from)?;
+                    bump_policy(conn).await?;
                     Ok((require(conn, id, false).await?.to_proto(), archived as i32))
                 })
             })
@@ -764,6 +743,7 @@ impl EntityService for EntityApi {
                     .execute(conn)
                     .await
                     .map_err(DbError::from)?;
+                    bump_policy(conn).await?;
                     Ok(require(conn, id, false).await?.to_proto())
                 })
             })

@@ -1,11 +1,15 @@
 //! Tenancy: the entity tree, roles, grants and access decisions.
 //!
 //! The service's contract is `socle.tenancy.v1` (see `proto/socle/tenancy/v1/`).
-//! Every RPC already exists, guarded by the authorization layer. Built: the
-//! entity tree ([`entities`]). Roles, grants and access decisions answer
-//! `UNIMPLEMENTED` until they are built (issue 3).
+//! Built: the entity tree ([`entities`]), roles and the permission catalogue
+//! ([`roles`]), grants ([`grants`]) and access decisions with the grant that
+//! decided them ([`access`]).
 
+pub mod access;
+mod common;
 pub mod entities;
+pub mod grants;
+pub mod roles;
 
 pub use entities::ensure_root;
 use socle_db::{EmbeddedMigrations, embed_migrations};
@@ -27,13 +31,11 @@ pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
     let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
         .authorizer(ctx.authorizer)
         .readiness_database(database.clone())
-        .add_service(entity_service_server::EntityServiceServer::new(entities::EntityApi::new(database)));
-    let host = socle_server::unimplemented_services!(
-        host,
-        access_service_server::{AccessServiceServer, AccessService},
-        grant_service_server::{GrantServiceServer, GrantService},
-        role_service_server::{RoleServiceServer, RoleService},
-    );
+        .add_service(entity_service_server::EntityServiceServer::new(entities::EntityApi::new(database.clone())))
+        .add_service(role_service_server::RoleServiceServer::new(roles::RoleApi::new(database.clone())))
+        .add_service(grant_service_server::GrantServiceServer::new(grants::GrantApi::new(database.clone())))
+        .add_service(access_service_server::AccessServiceServer::new(access::AccessApi::new(database.clone())));
+    roles::ensure_built_in(&database).await.map_err(|e| ServerError::Other(format!("built-in roles: {e}")))?;
     host.serve(ctx.listener, ctx.shutdown).await
 }
 

@@ -1,0 +1,3 @@
+DROP TABLE policy_version;
+DROP TABLE grants;
+DROP TABLE roles;
