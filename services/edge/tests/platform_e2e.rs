@@ -71,7 +71,7 @@ async fn contract_rpcs_not_built_yet_answer_unimplemented_through_every_protocol
     let problem: serde_json::Value = response.json().await.unwrap();
     assert_eq!(problem["code"], "UNIMPLEMENTED");
 
-    let web = grpc_web::unary(&edge, "/socle.tenancy.v1.GrantService/ListGrants", &[], &[]).await.unwrap();
+    let web = grpc_web::unary(&edge, "/socle.cms.v1.ContentService/GetContent", &[], &[]).await.unwrap();
     assert_eq!(web.grpc_status, Some(tonic::Code::Unimplemented as i32));
 
     // Every REST route of the contracts is in the OpenAPI document.
