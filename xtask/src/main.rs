@@ -116,6 +116,14 @@ fn dev_secrets(path: &Path, admin_password: Option<&str>) -> anyhow::Result<toml
             changed = true;
         }
     }
+    if !table.contains_key("identity_signing_key") {
+        let key = socle_identity::keys::SigningKey::generate_pkcs8_base64();
+        table.insert(
+            "identity_signing_key".into(),
+            toml::Value::String(socle_config::ExposeSecret::expose_secret(&key).to_owned()),
+        );
+        changed = true;
+    }
     if let Some(password) = admin_password
         && table.get("pg_admin_password").and_then(|v| v.as_str()) != Some(password)
     {
@@ -192,8 +200,9 @@ async fn dev(edge_addr: &str, release: bool) -> anyhow::Result<()> {
              [database]\nurl = \"{app_url}\"\npassword = \"file:{key}\"\nowner_url = \"{owner_url}\"\n{owner_password}\
              migrate_on_start = true\napp_role = \"{role}\"\n\n\
              [secrets]\nfile = \"{secrets}\"\n\n\
-             [telemetry]\nlog_format = \"pretty\"\n",
+             [telemetry]\nlog_format = \"pretty\"\n{auth}",
             app_url = with_user(&owner_url, &role),
+            auth = if *service == "identity" { "\n[auth]\nsigning_key = \"file:identity_signing_key\"\n" } else { "" },
             owner_password =
                 if admin_password.is_some() { "owner_password = \"file:pg_admin_password\"\n" } else { "" },
             secrets = secrets_path.display(),

@@ -47,8 +47,8 @@ CREATE OR REPLACE FUNCTION socle_entity_visible(entity uuid) RETURNS boolean
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
   SELECT current_setting('socle.entity_scope', true) = '*' OR entity = ANY (socle_entity_scope())
 $$;
--- Accent- and case-insensitive folding for French text search without the
--- unaccent extension (which needs a superuser to install).
+-- Accent- and case-insensitive folding for French text search that needs no
+-- extension (unaccent needs the contrib package on the server).
 CREATE OR REPLACE FUNCTION socle_fold(value text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
   SELECT translate(lower(value), 'àâäáãåçéèêëíìîïñóòôöõúùûüýÿœæ', 'aaaaaaceeeeiiiinooooouuuuyyoa')

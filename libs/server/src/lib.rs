@@ -58,6 +58,45 @@ impl Default for ServerSettings {
     }
 }
 
+/// `[auth]`: how tokens are issued (identity) and verified (every service).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// The `iss` claim of access tokens.
+    pub issuer: String,
+    /// The `aud` claim of access tokens.
+    pub audience: String,
+    /// Access token lifetime, in seconds (at most 900).
+    pub access_token_ttl_secs: u64,
+    /// Refresh token (and session) lifetime, in seconds.
+    pub refresh_token_ttl_secs: u64,
+    /// Identity only: the console's base URL, for invitation links.
+    pub console_url: String,
+    /// Identity only: how long an invitation link stays valid, in seconds.
+    pub invitation_ttl_secs: u64,
+    /// Identity only: the current Ed25519 signing key (PKCS#8, base64), as
+    /// a secret locator.
+    pub signing_key: Option<socle_config::SecretRef>,
+    /// Identity only: earlier signing keys, still published in the JWKS so
+    /// that tokens they signed stay valid until they expire.
+    pub previous_signing_keys: Vec<socle_config::SecretRef>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            issuer: "socle".into(),
+            audience: "socle-api".into(),
+            access_token_ttl_secs: 900,
+            refresh_token_ttl_secs: 30 * 24 * 3600,
+            console_url: "http://localhost:4200".into(),
+            invitation_ttl_secs: 7 * 24 * 3600,
+            signing_key: None,
+            previous_signing_keys: Vec::new(),
+        }
+    }
+}
+
 /// The configuration shared by every backend service.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -72,6 +111,8 @@ pub struct ServiceConfig {
     pub vault: VaultSettings,
     /// `[secrets]`.
     pub secrets: SecretsSettings,
+    /// `[auth]`.
+    pub auth: AuthSettings,
     /// `[features]`: flags for capabilities rolled out gradually.
     pub features: BTreeMap<String, bool>,
 }

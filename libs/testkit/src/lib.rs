@@ -204,7 +204,15 @@ pub async fn spawn_service_with(
     let database = TestDatabase::create(service.name()).await?;
     let dir = tempfile::tempdir()?;
     let secrets_file = dir.path().join("secrets.toml");
-    std::fs::write(&secrets_file, format!("db_password = \"{}\"\n", database.app_password))?;
+    let signing_key = socle_identity::keys::SigningKey::generate_pkcs8_base64();
+    std::fs::write(
+        &secrets_file,
+        format!(
+            "db_password = \"{}\"\nsigning_key = \"{}\"\n",
+            database.app_password,
+            socle_config::ExposeSecret::expose_secret(&signing_key)
+        ),
+    )?;
 
     let mut config = ServiceConfig::default();
     config.database.url = database.app_url.clone();
@@ -213,6 +221,9 @@ pub async fn spawn_service_with(
     config.database.migrate_on_start = true;
     config.database.app_role = Some(database.app_role.clone());
     config.database.max_connections = 4;
+    if service == Service::Identity {
+        config.auth.signing_key = Some(SecretRef::parse("file:signing_key").map_err(anyhow::Error::msg)?);
+    }
     adjust(&mut config);
     config.secrets = SecretsSettings { file: Some(secrets_file.clone()) };
     let secrets = load_resolver(&config).await?;

@@ -1,8 +1,14 @@
 //! Identity: accounts, credentials, sessions, tokens and service accounts.
 //!
 //! The service's contract is `socle.identity.v1` (see `proto/socle/identity/v1/`).
-//! Every RPC already exists, guarded by the authorization layer; those not
-//! implemented yet answer `UNIMPLEMENTED`.
+//! Built: invitations (`CreateUser` with a returned link, `AcceptInvitation`),
+//! `Login`, refresh-token rotation with reuse detection, `Logout` and the
+//! JWKS. The other RPCs answer `UNIMPLEMENTED` until they are built (issue 3).
+
+pub mod keys;
+pub mod passwords;
+pub mod service;
+pub mod tokens;
 
 use socle_db::{EmbeddedMigrations, embed_migrations};
 use socle_proto::socle::identity::v1::*;
@@ -19,19 +25,39 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 /// Runs the service until `ctx.shutdown` resolves.
 pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
+    let keys = signing_keys(&ctx.config.auth, &ctx.secrets).await?;
     let database = socle_server::open_database(&ctx.config.database, &ctx.secrets, MIGRATIONS).await?;
+    let identity = service::Identity::new(database.clone(), keys, ctx.config.auth.clone());
     let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
         .authorizer(ctx.authorizer)
-        .readiness_database(database);
+        .readiness_database(database)
+        .add_service(user_service_server::UserServiceServer::new(identity.clone()))
+        .add_service(auth_service_server::AuthServiceServer::new(identity.clone()))
+        .add_service(jwks_service_server::JwksServiceServer::new(identity));
     let host = socle_server::unimplemented_services!(
         host,
         account_service_server::{AccountServiceServer, AccountService},
-        auth_service_server::{AuthServiceServer, AuthService},
-        jwks_service_server::{JwksServiceServer, JwksService},
         service_account_service_server::{ServiceAccountServiceServer, ServiceAccountService},
-        user_service_server::{UserServiceServer, UserService},
     );
     host.serve(ctx.listener, ctx.shutdown).await
+}
+
+/// Resolves the signing keys named in `[auth]`: the current one is required.
+async fn signing_keys(
+    settings: &socle_server::AuthSettings,
+    secrets: &socle_server::SecretResolver,
+) -> Result<keys::KeySet, ServerError> {
+    let locator = settings
+        .signing_key
+        .as_ref()
+        .ok_or_else(|| ServerError::Other("auth.signing_key is required by identity".into()))?;
+    let parse = |secret, signing| keys::SigningKey::from_pkcs8_base64(&secret, signing).map_err(ServerError::Other);
+    let current = parse(secrets.resolve(locator).await?, true)?;
+    let mut previous = Vec::new();
+    for locator in &settings.previous_signing_keys {
+        previous.push(parse(secrets.resolve(locator).await?, false)?);
+    }
+    Ok(keys::KeySet { current, previous })
 }
 
 /// Runs the migrations only (`identity migrate`, the deployment job).

@@ -1,0 +1,579 @@
+//! The identity handlers: invitations, login, refresh-token rotation with
+//! reuse detection, logout, and the JWKS.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use diesel::{
+    QueryableByName,
+    result::{DatabaseErrorKind, Error as DieselError},
+    sql_types::{BigInt, Bytea, Nullable, SmallInt, Text, Timestamptz, Uuid as SqlUuid},
+};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use socle_api::{Violations, etag, parse_id, parse_optional_id};
+use socle_db::{Database, DbError, EntityScope, idempotency};
+use socle_errors::{Code, Error};
+use socle_proto::socle::identity::v1::{
+    auth_service_server::AuthService, jwks_service_server::JwksService, user_service_server::UserService, *,
+};
+use socle_server::AuthSettings;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::{
+    keys::KeySet,
+    passwords::{Hasher, check_policy},
+    tokens::{hash_token, issue_access, new_refresh_token},
+};
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct Identity {
+    db: Database,
+    hasher: Hasher,
+    keys: Arc<KeySet>,
+    settings: Arc<AuthSettings>,
+}
+
+impl Identity {
+    /// The identity service state.
+    pub fn new(db: Database, keys: KeySet, settings: AuthSettings) -> Self {
+        let parallelism = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        Identity { db, hasher: Hasher::new(parallelism), keys: Arc::new(keys), settings: Arc::new(settings) }
+    }
+}
+
+fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+fn reply<T>(result: Result<T, Error>, request_id: Option<String>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(|e| e.into_status(request_id.as_deref()))
+}
+
+fn rid<T>(request: &Request<T>) -> Option<String> {
+    socle_server::request_id::of(request).map(str::to_owned)
+}
+
+/// The e-mail as compared: trimmed, lower case.
+pub fn normalize_email(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+fn valid_email(email: &str) -> bool {
+    let email = email.trim();
+    email.len() <= 254
+        && !email.contains(char::is_whitespace)
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
+        })
+}
+
+#[derive(Debug, Clone, QueryableByName)]
+struct UserRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    entity_id: Uuid,
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = Text)]
+    given_name: String,
+    #[diesel(sql_type = Text)]
+    family_name: String,
+    #[diesel(sql_type = Text)]
+    display_name: String,
+    #[diesel(sql_type = Text)]
+    locale: String,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    default_entity_id: Option<Uuid>,
+    #[diesel(sql_type = SmallInt)]
+    state: i16,
+    #[diesel(sql_type = Nullable<Text>)]
+    password_hash: Option<String>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    password_update_time: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    last_login_time: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    invitation_expire_time: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Timestamptz)]
+    create_time: DateTime<Utc>,
+    #[diesel(sql_type = Timestamptz)]
+    update_time: DateTime<Utc>,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+}
+
+const SELECT_USER: &str = "SELECT id, entity_id, email, given_name, family_name, display_name, locale, default_entity_id,
+        state, password_hash, password_update_time, last_login_time, invitation_expire_time, create_time, update_time, version
+   FROM users";
+
+impl UserRow {
+    fn to_proto(&self) -> User {
+        User {
+            id: self.id.to_string(),
+            entity_id: self.entity_id.to_string(),
+            email: self.email.clone(),
+            given_name: self.given_name.clone(),
+            family_name: self.family_name.clone(),
+            display_name: self.display_name.clone(),
+            locale: self.locale.clone(),
+            default_entity_id: self.default_entity_id.map(|e| e.to_string()).unwrap_or_default(),
+            state: i32::from(self.state),
+            totp_enabled: false,
+            last_login_time: self.last_login_time.map(timestamp),
+            password_update_time: self.password_update_time.map(timestamp),
+            lock_expire_time: None,
+            invitation_expire_time: self.invitation_expire_time.map(timestamp),
+            create_time: Some(timestamp(self.create_time)),
+            update_time: Some(timestamp(self.update_time)),
+            etag: etag(self.version),
+        }
+    }
+}
+
+async fn user_where(conn: &mut AsyncPgConnection, clause: &str, bind: UserKey) -> Result<Option<UserRow>, DbError> {
+    let query = diesel::sql_query(format!("{SELECT_USER} WHERE {clause} FOR UPDATE"));
+    let result = match bind {
+        UserKey::Id(id) => query.bind::<SqlUuid, _>(id).get_result(conn).await,
+        UserKey::Email(email) => query.bind::<Text, _>(email).get_result(conn).await,
+        UserKey::Invitation(hash) => query.bind::<Bytea, _>(hash).get_result(conn).await,
+    };
+    match result {
+        Ok(row) => Ok(Some(row)),
+        Err(DieselError::NotFound) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+enum UserKey {
+    Id(Uuid),
+    Email(String),
+    Invitation(Vec<u8>),
+}
+
+/// Opens a session and returns its token pair.
+async fn open_session(
+    conn: &mut AsyncPgConnection,
+    identity: &Identity,
+    user: Uuid,
+    user_agent: &str,
+    ip: &str,
+) -> Result<TokenPair, Error> {
+    let now = Utc::now();
+    let session = Uuid::now_v7();
+    let expire = now + Duration::seconds(identity.settings.refresh_token_ttl_secs as i64);
+    diesel::sql_query(
+        "INSERT INTO sessions (id, user_id, expire_time, user_agent, ip_address) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind::<SqlUuid, _>(session)
+    .bind::<SqlUuid, _>(user)
+    .bind::<Timestamptz, _>(expire)
+    .bind::<Text, _>(user_agent.chars().take(300).collect::<String>())
+    .bind::<Text, _>(ip)
+    .execute(conn)
+    .await
+    .map_err(DbError::from)?;
+    tokens_for(conn, identity, user, session, expire).await
+}
+
+/// Issues a refresh token in `session` and an access token.
+async fn tokens_for(
+    conn: &mut AsyncPgConnection,
+    identity: &Identity,
+    user: Uuid,
+    session: Uuid,
+    session_expire: DateTime<Utc>,
+) -> Result<TokenPair, Error> {
+    let refresh = new_refresh_token();
+    diesel::sql_query("INSERT INTO refresh_tokens (token_hash, session_id) VALUES ($1, $2)")
+        .bind::<Bytea, _>(hash_token(&refresh))
+        .bind::<SqlUuid, _>(session)
+        .execute(conn)
+        .await
+        .map_err(DbError::from)?;
+    let now = Utc::now();
+    let (access, exp) = issue_access(
+        &identity.keys,
+        &identity.settings.issuer,
+        &identity.settings.audience,
+        user,
+        session,
+        now.timestamp(),
+        identity.settings.access_token_ttl_secs,
+    )?;
+    Ok(TokenPair {
+        access_token: access,
+        token_type: "Bearer".into(),
+        access_token_expire_time: Some(prost_types::Timestamp { seconds: exp, nanos: 0 }),
+        refresh_token: refresh,
+        refresh_token_expire_time: Some(timestamp(session_expire)),
+        session_id: session.to_string(),
+        ..Default::default()
+    })
+}
+
+fn client_of<T>(request: &Request<T>) -> (String, String) {
+    let header = |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let ip = header("x-forwarded-for").split(',').next().unwrap_or_default().trim().to_owned();
+    let ip = if ip.is_empty() { request.remote_addr().map(|a| a.ip().to_string()).unwrap_or_default() } else { ip };
+    (header("user-agent"), ip)
+}
+
+/// Wrong e-mail, wrong password, disabled or invited account: one answer,
+/// so that the reply reveals nothing about which it was.
+fn bad_credentials() -> Error {
+    Error::unauthenticated("invalid e-mail or password")
+}
+
+#[tonic::async_trait]
+impl UserService for Identity {
+    async fn create_user(&self, request: Request<CreateUserRequest>) -> Result<Response<CreateUserResponse>, Status> {
+        let request_id = rid(&request);
+        let r = request.into_inner();
+        let result = async {
+            let key = parse_id("request_id", &r.request_id)?;
+            let user = r.user.ok_or_else(|| Error::invalid_field("user", "is required"))?;
+            let mut v = Violations::new();
+            v.check(valid_email(&user.email), "user.email", "must be an e-mail address");
+            let entity = parse_id("user.entity_id", &user.entity_id);
+            let default_entity = parse_optional_id("user.default_entity_id", &user.default_entity_id);
+            if let Err(e) = &entity {
+                v.add("user.entity_id", e.violations()[0].description.clone());
+            }
+            if let Err(e) = &default_entity {
+                v.add("user.default_entity_id", e.violations()[0].description.clone());
+            }
+            let display = if user.display_name.trim().is_empty() {
+                format!("{} {}", user.given_name.trim(), user.family_name.trim()).trim().to_owned()
+            } else {
+                user.display_name.trim().to_owned()
+            };
+            v.check((1..=120).contains(&display.chars().count()), "user.display_name", "is required (or given and family names)");
+            v.into_result()?;
+            match InvitationDelivery::try_from(r.invitation_delivery) {
+                Ok(InvitationDelivery::ReturnLink) => {}
+                Ok(InvitationDelivery::Email) | Ok(InvitationDelivery::Unspecified) | Err(_) => {
+                    return Err(Error::new(
+                        Code::Unimplemented,
+                        "e-mail delivery of invitations is not available yet: use INVITATION_DELIVERY_RETURN_LINK",
+                    ));
+                }
+            }
+            let (entity, default_entity) = (entity?, default_entity?);
+            let token = new_refresh_token();
+            let expire = Utc::now() + Duration::seconds(self.settings.invitation_ttl_secs as i64);
+            let console = self.settings.console_url.trim_end_matches('/').to_owned();
+            let token_for_reply = token.clone();
+            let row = self
+                .db
+                .transaction(&EntityScope::System, move |conn| {
+                    Box::pin(async move {
+                        let id = match idempotency::claim(conn, "CreateUser", key, Uuid::now_v7()).await? {
+                            idempotency::Claim::Existing(id) => {
+                                let row = user_where(conn, "id = $1", UserKey::Id(id)).await?.ok_or_else(|| Error::not_found("user", id))?;
+                                return Ok((row, false));
+                            }
+                            idempotency::Claim::New(id) => id,
+                        };
+                        let inserted = diesel::sql_query(
+                            "INSERT INTO users (id, entity_id, email, email_normalized, given_name, family_name, display_name,
+                                                locale, default_entity_id, state, invitation_hash, invitation_expire_time)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11)",
+                        )
+                        .bind::<SqlUuid, _>(id)
+                        .bind::<SqlUuid, _>(entity)
+                        .bind::<Text, _>(user.email.trim())
+                        .bind::<Text, _>(normalize_email(&user.email))
+                        .bind::<Text, _>(user.given_name.trim())
+                        .bind::<Text, _>(user.family_name.trim())
+                        .bind::<Text, _>(&display)
+                        .bind::<Text, _>(if user.locale.is_empty() { "fr-FR" } else { user.locale.as_str() })
+                        .bind::<Nullable<SqlUuid>, _>(default_entity)
+                        .bind::<Bytea, _>(hash_token(&token))
+                        .bind::<Timestamptz, _>(expire)
+                        .execute(conn)
+                        .await;
+                        match inserted {
+                            Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info))
+                                if info.constraint_name() == Some("users_email_key") =>
+                            {
+                                return Err(Error::new(Code::AlreadyExists, "a user with this e-mail already exists")
+                                    .with_violation("user.email", "is already used"));
+                            }
+                            other => other.map_err(DbError::from)?,
+                        };
+                        let row = user_where(conn, "id = $1", UserKey::Id(id)).await?.ok_or_else(|| Error::not_found("user", id))?;
+                        Ok((row, true))
+                    })
+                })
+                .await?;
+            let (row, created) = row;
+            // A retried create does not reissue the link: the first one stands.
+            let invitation_url = if created { format!("{console}/invitation#token={token_for_reply}") } else { String::new() };
+            Ok(CreateUserResponse { user: Some(row.to_proto()), invitation_url })
+        }
+        .await;
+        reply(result, request_id)
+    }
+
+    async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<GetUserResponse>, Status> {
+        let request_id = rid(&request);
+        let result = async {
+            let id = parse_id("user_id", &request.get_ref().user_id)?;
+            self.db
+                .transaction(&EntityScope::System, move |conn| {
+                    Box::pin(async move {
+                        let row = user_where(conn, "id = $1", UserKey::Id(id))
+                            .await?
+                            .ok_or_else(|| Error::not_found("user", id))?;
+                        Ok(GetUserResponse { user: Some(row.to_proto()) })
+                    })
+                })
+                .await
+        }
+        .await;
+        reply(result, request_id)
+    }
+}
+
+enum RefreshOutcome {
+    Rotated(TokenPair),
+    Reused,
+    Refused,
+}
+
+#[tonic::async_trait]
+impl AuthService for Identity {
+    async fn login(&self, request: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
+        let request_id = rid(&request);
+        let (user_agent, ip) = client_of(&request);
+        let r = request.into_inner();
+        let result = async {
+            let mut v = Violations::new();
+            v.check(!r.email.trim().is_empty(), "email", "is required");
+            v.check(!r.password.is_empty(), "password", "is required");
+            v.into_result()?;
+            let email = normalize_email(&r.email);
+            let found = self
+                .db
+                .transaction(&EntityScope::System, move |conn| {
+                    Box::pin(async move {
+                        Ok::<_, Error>(user_where(conn, "email_normalized = $1", UserKey::Email(email)).await?)
+                    })
+                })
+                .await?;
+            // Always verify (against a dummy hash when needed): timing does
+            // not tell whether the account exists.
+            let hash = found.as_ref().and_then(|u| u.password_hash.clone());
+            let matches = self.hasher.verify(hash, r.password).await?;
+            let user = match found {
+                Some(user) if matches && user.state == UserState::Active as i16 => user,
+                _ => {
+                    tracing::info!(outcome = "denied", "login failed");
+                    return Err(bad_credentials());
+                }
+            };
+            let identity = self.clone();
+            let tokens = self
+                .db
+                .transaction(&EntityScope::System, move |conn| {
+                    Box::pin(async move {
+                        diesel::sql_query("UPDATE users SET last_login_time = now() WHERE id = $1")
+                            .bind::<SqlUuid, _>(user.id)
+                            .execute(conn)
+                            .await
+                            .map_err(DbError::from)?;
+                        open_session(conn, &identity, user.id, &user_agent, &ip).await
+                    })
+                })
+                .await?;
+            Ok(LoginResponse { status: LoginStatus::Succeeded as i32, tokens: Some(tokens), ..Default::default() })
+        }
+        .await;
+        reply(result, request_id)
+    }
+
+    async fn refresh(&self, request: Request<RefreshRequest>) -> Result<Response<RefreshResponse>, Status> {
+        let request_id = rid(&request);
+        let r = request.into_inner();
+        let result = async {
+            if r.refresh_token.is_empty() {
+                return Err(Error::invalid_field("refresh_token", "is required"));
+            }
+            let presented = hash_token(&r.refresh_token);
+            let identity = self.clone();
+            // Reuse detection must commit the revocation, so the transaction
+            // returns an outcome rather than an error.
+            let outcome = self
+                .db
+                .transaction(&EntityScope::System, move |conn| {
+                    Box::pin(async move {
+                        #[derive(QueryableByName)]
+                        struct Presented {
+                            #[diesel(sql_type = SqlUuid)]
+                            session_id: Uuid,
+                            #[diesel(sql_type = SqlUuid)]
+                            user_id: Uuid,
+                            #[diesel(sql_type = Nullable<Timestamptz>)]
+                            spend_time: Option<DateTime<Utc>>,
+                            #[diesel(sql_type = Nullable<Timestamptz>)]
+                            revoke_time: Option<DateTime<Utc>>,
+                            #[diesel(sql_type = Timestamptz)]
+                            expire_time: DateTime<Utc>,
+                            #[diesel(sql_type = SmallInt)]
+                            state: i16,
+                        }
+                        let found: Result<Presented, _> = diesel::sql_query(
+                            "SELECT t.session_id, s.user_id, t.spend_time, s.revoke_time, s.expire_time, u.state
+                               FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id JOIN users u ON u.id = s.user_id
+                              WHERE t.token_hash = $1 FOR UPDATE OF t, s",
+                        )
+                        .bind::<Bytea, _>(&presented)
+                        .get_result(conn)
+                        .await;
+                        let token = match found {
+                            Ok(token) => token,
+                            Err(DieselError::NotFound) => return Ok(RefreshOutcome::Refused),
+                            Err(e) => return Err(Error::from(DbError::from(e))),
+                        };
+                        if token.spend_time.is_some() {
+                            diesel::sql_query(
+                                "UPDATE sessions SET revoke_time = now(), revoke_reason = 'refresh token reuse'
+                                  WHERE id = $1 AND revoke_time IS NULL",
+                            )
+                            .bind::<SqlUuid, _>(token.session_id)
+                            .execute(conn)
+                            .await
+                            .map_err(DbError::from)?;
+                            return Ok(RefreshOutcome::Reused);
+                        }
+                        if token.revoke_time.is_some() || token.expire_time <= Utc::now() || token.state != UserState::Active as i16 {
+                            return Ok(RefreshOutcome::Refused);
+                        }
+                        diesel::sql_query("UPDATE refresh_tokens SET spend_time = now() WHERE token_hash = $1")
+                            .bind::<Bytea, _>(&presented)
+                            .execute(conn)
+                            .await
+                            .map_err(DbError::from)?;
+                        diesel::sql_query("UPDATE sessions SET last_refresh_time = now() WHERE id = $1")
+                            .bind::<SqlUuid, _>(token.session_id)
+                            .execute(conn)
+                            .await
+                            .map_err(DbError::from)?;
+                        let pair = tokens_for(conn, &identity, token.user_id, token.session_id, token.expire_time).await?;
+                        Ok(RefreshOutcome::Rotated(pair))
+                    })
+                })
+                .await?;
+            match outcome {
+                RefreshOutcome::Rotated(tokens) => Ok(RefreshResponse { tokens: Some(tokens) }),
+                RefreshOutcome::Reused => {
+                    tracing::warn!(outcome = "denied", "refresh token reused: session revoked");
+                    Err(Error::unauthenticated("the refresh token was already used: the session is revoked, sign in again"))
+                }
+                RefreshOutcome::Refused => Err(Error::unauthenticated("the refresh token is invalid or expired")),
+            }
+        }
+        .await;
+        reply(result, request_id)
+    }
+
+    async fn logout(&self, request: Request<LogoutRequest>) -> Result<Response<LogoutResponse>, Status> {
+        let request_id = rid(&request);
+        let r = request.into_inner();
+        let result = async {
+            if r.refresh_token.is_empty() {
+                return Err(Error::invalid_field("refresh_token", "is required"));
+            }
+            let presented = hash_token(&r.refresh_token);
+            let all = r.all_sessions;
+            self.db
+                .transaction(&EntityScope::System, move |conn| {
+                    Box::pin(async move {
+                        let revoked = diesel::sql_query(
+                            "UPDATE sessions SET revoke_time = now(), revoke_reason = 'logout'
+                              WHERE revoke_time IS NULL AND (
+                                    id = (SELECT session_id FROM refresh_tokens WHERE token_hash = $1)
+                                 OR ($2 AND user_id = (SELECT s.user_id FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
+                                                        WHERE t.token_hash = $1)))",
+                        )
+                        .bind::<Bytea, _>(&presented)
+                        .bind::<diesel::sql_types::Bool, _>(all)
+                        .execute(conn)
+                        .await
+                        .map_err(DbError::from)?;
+                        Ok(LogoutResponse { revoked_session_count: revoked as i32 })
+                    })
+                })
+                .await
+        }
+        .await;
+        reply(result, request_id)
+    }
+
+    async fn accept_invitation(
+        &self,
+        request: Request<AcceptInvitationRequest>,
+    ) -> Result<Response<AcceptInvitationResponse>, Status> {
+        let request_id = rid(&request);
+        let (user_agent, ip) = client_of(&request);
+        let r = request.into_inner();
+        let result = async {
+            if r.invitation_token.is_empty() {
+                return Err(Error::invalid_field("invitation_token", "is required"));
+            }
+            let invitation = hash_token(&r.invitation_token);
+            let lookup = invitation.clone();
+            let user = self
+                .db
+                .transaction(&EntityScope::System, move |conn| {
+                    Box::pin(async move {
+                        Ok::<_, Error>(user_where(conn, "invitation_hash = $1", UserKey::Invitation(lookup)).await?)
+                    })
+                })
+                .await?
+                .filter(|u| {
+                    u.state == UserState::Invited as i16 && u.invitation_expire_time.is_some_and(|t| t > Utc::now())
+                })
+                .ok_or_else(|| Error::unauthenticated("the invitation is invalid or expired: ask for a new one"))?;
+            check_policy("password", &r.password, &user.email)?;
+            let hash = self.hasher.hash(r.password).await?;
+            let identity = self.clone();
+            let tokens = self
+                .db
+                .transaction(&EntityScope::System, move |conn| {
+                    Box::pin(async move {
+                        let updated = diesel::sql_query(
+                            "UPDATE users SET state = 2, password_hash = $2, password_update_time = now(),
+                                    invitation_hash = NULL, invitation_expire_time = NULL, last_login_time = now(),
+                                    version = version + 1, update_time = now()
+                              WHERE id = $1 AND invitation_hash = $3 AND state = 1",
+                        )
+                        .bind::<SqlUuid, _>(user.id)
+                        .bind::<Text, _>(&hash)
+                        .bind::<Bytea, _>(&invitation)
+                        .execute(conn)
+                        .await
+                        .map_err(DbError::from)?;
+                        if updated == 0 {
+                            return Err(Error::unauthenticated("the invitation was already used"));
+                        }
+                        open_session(conn, &identity, user.id, &user_agent, &ip).await
+                    })
+                })
+                .await?;
+            Ok(AcceptInvitationResponse { tokens: Some(tokens) })
+        }
+        .await;
+        reply(result, request_id)
+    }
+}
+
+#[tonic::async_trait]
+impl JwksService for Identity {
+    async fn get_jwks(&self, _request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {
+        Ok(Response::new(GetJwksResponse { keys: self.keys.jwks() }))
+    }
+}
