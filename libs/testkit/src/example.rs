@@ -172,6 +172,7 @@ impl ExampleService for Example {
             request_id: request_id::of(&request).unwrap_or_default().to_owned(),
             traceparent: header("traceparent"),
             acting_entity: header("x-socle-entity"),
+            client_address: header("x-forwarded-for"),
         }))
     }
 

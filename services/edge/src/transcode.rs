@@ -160,7 +160,7 @@ async fn transcode(state: &EdgeState, request: http::Request<Body>) -> Result<ht
         .for_service(route.method.parent_service().full_name())
         .ok_or_else(|| status(Error::unavailable("no upstream serves this API"), rid))?;
     let mut grpc_request = tonic::Request::new(message);
-    forward_headers(&parts.headers, grpc_request.metadata_mut());
+    forward_headers(&parts.headers, peer(&parts.extensions), grpc_request.metadata_mut());
     grpc_request.set_timeout(state.timeout);
     let path: http::uri::PathAndQuery = route.grpc_path().parse().expect("valid gRPC path");
     let codec = DynamicCodec(route.method.output());
@@ -373,7 +373,7 @@ async fn upload(
         },
     ));
     let mut request = tonic::Request::new(messages);
-    forward_headers(&parts.headers, request.metadata_mut());
+    forward_headers(&parts.headers, peer(&parts.extensions), request.metadata_mut());
     request.set_timeout(state.upload_timeout);
     let path: http::uri::PathAndQuery = route.grpc_path().parse().expect("valid gRPC path");
     let codec = DynamicCodec(route.method.output());
@@ -688,13 +688,18 @@ fn form_decode(text: &str) -> Option<String> {
 }
 
 /// Copies the forwarded headers and the current trace context into metadata.
-pub fn forward_headers(headers: &HeaderMap, metadata: &mut tonic::metadata::MetadataMap) {
+pub fn forward_headers(
+    headers: &HeaderMap,
+    peer: Option<std::net::IpAddr>,
+    metadata: &mut tonic::metadata::MetadataMap,
+) {
     let mut out = HeaderMap::new();
     for name in FORWARDED_HEADERS {
         if let Some(value) = headers.get(*name) {
             out.insert(*name, value.clone());
         }
     }
+    set_client_address(&mut out, peer);
     socle_telemetry::inject_context(&mut out);
     for (name, value) in &out {
         if let Ok(key) = tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes())
@@ -702,6 +707,23 @@ pub fn forward_headers(headers: &HeaderMap, metadata: &mut tonic::metadata::Meta
         {
             metadata.insert(key, value);
         }
+    }
+}
+
+/// The address of the client connected to the edge.
+pub fn peer(extensions: &http::Extensions) -> Option<std::net::IpAddr> {
+    extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
+}
+
+/// The edge is the public entry: it states the client address itself
+/// (`x-forwarded-for`), replacing whatever the client claimed, so services
+/// can rely on it (sessions, brute-force limits).
+pub fn set_client_address(headers: &mut HeaderMap, peer: Option<std::net::IpAddr>) {
+    headers.remove("x-forwarded-for");
+    if let Some(ip) = peer
+        && let Ok(value) = HeaderValue::from_str(&ip.to_string())
+    {
+        headers.insert("x-forwarded-for", value);
     }
 }
 

@@ -119,6 +119,8 @@ impl Service<http::Request<tonic::body::Body>> for GrpcProxy {
         let service = request.uri().path().trim_start_matches('/').split('/').next().unwrap_or("").to_owned();
         let upstream = self.upstreams.for_service(&service);
         socle_telemetry::inject_context(request.headers_mut());
+        let client = crate::transcode::peer(request.extensions());
+        crate::transcode::set_client_address(request.headers_mut(), client);
         Box::pin(async move {
             let Some(upstream) = upstream else {
                 let error = Error::new(Code::Unimplemented, format!("unknown service {service}"));

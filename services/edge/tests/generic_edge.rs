@@ -364,6 +364,7 @@ async fn request_id_trace_context_and_acting_entity_reach_the_service() {
         .header("x-request-id", "rest-1")
         .header("traceparent", traceparent)
         .header("x-socle-entity", "branch-a")
+        .header("x-forwarded-for", "203.0.113.66")
         .send()
         .await
         .unwrap()
@@ -372,6 +373,7 @@ async fn request_id_trace_context_and_acting_entity_reach_the_service() {
         .unwrap();
     assert_eq!(rest["requestId"], "rest-1");
     assert_eq!(rest["actingEntity"], "branch-a");
+    assert_eq!(rest["clientAddress"], "127.0.0.1", "the edge states the client address, whatever the client claims");
     assert!(rest["traceparent"].as_str().unwrap().contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{rest}");
 
     use socle_testproto::socle::example::v1::{InspectCallRequest, InspectCallResponse};
@@ -379,12 +381,13 @@ async fn request_id_trace_context_and_acting_entity_reach_the_service() {
         &s.edge.url(),
         "/socle.example.v1.ExampleService/InspectCall",
         &InspectCallRequest {}.encode_to_vec(),
-        &[("x-request-id", "web-1"), ("traceparent", traceparent)],
+        &[("x-request-id", "web-1"), ("traceparent", traceparent), ("x-forwarded-for", "203.0.113.66")],
     )
     .await
     .unwrap();
     let reply = InspectCallResponse::decode(web.message.unwrap()).unwrap();
     assert_eq!(reply.request_id, "web-1");
+    assert_eq!(reply.client_address, "127.0.0.1");
     assert!(reply.traceparent.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
 
     // Without an id, the edge mints one and the service sees the same.

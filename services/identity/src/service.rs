@@ -206,11 +206,11 @@ async fn tokens_for(
     Ok(TokenPair {
         access_token: access,
         token_type: "Bearer".into(),
+        expires_in: (exp - now.timestamp()) as i32,
         access_token_expire_time: Some(prost_types::Timestamp { seconds: exp, nanos: 0 }),
         refresh_token: refresh,
         refresh_token_expire_time: Some(timestamp(session_expire)),
         session_id: session.to_string(),
-        ..Default::default()
     })
 }
 

@@ -28,6 +28,8 @@ pub struct Claims {
     pub exp: i64,
     /// Unique token id.
     pub jti: String,
+    /// `user` or `service_account`.
+    pub socle_kind: String,
 }
 
 /// Signs an access token for `user` in `session`, valid `ttl_secs` (at most 15 minutes).
@@ -50,6 +52,7 @@ pub fn issue_access(
         nbf: now,
         exp,
         jti: Uuid::new_v4().to_string(),
+        socle_kind: "user".into(),
     };
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(keys.current.kid.clone());

@@ -118,6 +118,8 @@ async fn access_tokens_are_short_lived_eddsa_jwts_verifiable_with_the_jwks() {
     let lifetime = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
     assert!(lifetime > 0 && lifetime <= 900, "{lifetime}");
     assert_eq!(claims["sid"], tokens["sessionId"]);
+    assert_eq!(claims["socle_kind"], "user");
+    assert_eq!(tokens["expiresIn"].as_i64(), Some(lifetime));
 }
 
 #[tokio::test(flavor = "multi_thread")]
