@@ -111,6 +111,7 @@ struct Inner {
     reason: Option<String>,
     violations: Vec<FieldViolation>,
     metadata: HashMap<String, String>,
+    retry_after: Option<std::time::Duration>,
     details: Vec<prost_types::Any>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
@@ -124,6 +125,7 @@ impl Error {
             reason: None,
             violations: Vec::new(),
             metadata: HashMap::new(),
+            retry_after: None,
             details: Vec::new(),
             source: None,
         }))
@@ -188,6 +190,12 @@ impl Error {
         self
     }
 
+    /// Tells the client when to retry (`google.rpc.RetryInfo`; HTTP `Retry-After`).
+    pub fn with_retry_after(mut self, delay: std::time::Duration) -> Self {
+        self.0.retry_after = Some(delay);
+        self
+    }
+
     /// Attaches a service-specific detail message (e.g. the duplicate
     /// candidates of a refused create). The edge renders such details in the
     /// problem document's `details` member.
@@ -243,6 +251,9 @@ impl Error {
         }
         if let Some(id) = request_id.filter(|id| !id.is_empty()) {
             details.set_request_info(id, "");
+        }
+        if let Some(delay) = self.0.retry_after {
+            details.set_retry_info(Some(delay));
         }
         let status = tonic::Status::with_error_details(self.0.code.grpc(), self.0.message, details);
         if self.0.details.is_empty() {
@@ -374,6 +385,9 @@ pub struct Problem {
     /// Field violations, empty unless the request was invalid.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub violations: Vec<ProblemViolation>,
+    /// Seconds to wait before retrying, when the server says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u64>,
     /// Service-specific details in proto3 JSON, each with its `@type`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub details: Vec<serde_json::Value>,
@@ -417,6 +431,7 @@ impl Problem {
             reason,
             request_id,
             violations,
+            retry_after_seconds: details.retry_info().and_then(|r| r.retry_delay).map(|d| d.as_secs().max(1)),
             details: Vec::new(),
         }
     }

@@ -81,6 +81,9 @@ pub fn problem_response(
     let mut response = http::Response::new(Body::from(problem.to_json()));
     *response.status_mut() = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(socle_errors::PROBLEM_CONTENT_TYPE));
+    if let Some(seconds) = problem.retry_after_seconds {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
     response
 }
 

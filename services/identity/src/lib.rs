@@ -8,6 +8,7 @@
 pub mod keys;
 pub mod passwords;
 pub mod service;
+pub mod throttle;
 pub mod tokens;
 
 use socle_db::{EmbeddedMigrations, embed_migrations};

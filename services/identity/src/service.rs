@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::{
     keys::KeySet,
     passwords::{Hasher, check_policy},
+    throttle,
     tokens::{hash_token, issue_access, new_refresh_token},
 };
 
@@ -356,14 +357,24 @@ impl AuthService for Identity {
             v.check(!r.password.is_empty(), "password", "is required");
             v.into_result()?;
             let email = normalize_email(&r.email);
-            let found = self
+            let keys = Arc::new(throttle::Keys::new(&email, &ip));
+            let lookup = (email.clone(), keys.clone());
+            let (found, locked) = self
                 .db
                 .transaction(&EntityScope::System, move |conn| {
                     Box::pin(async move {
-                        Ok::<_, Error>(user_where(conn, "email_normalized = $1", UserKey::Email(email)).await?)
+                        let locked = throttle::locked_for(conn, &lookup.1).await?;
+                        let found = user_where(conn, "email_normalized = $1", UserKey::Email(lookup.0)).await?;
+                        Ok::<_, Error>((found, locked))
                     })
                 })
                 .await?;
+            // A locked attempt is refused before any password check.
+            if let Some(wait) = locked {
+                tracing::warn!(outcome = "denied", reason = "locked", "login refused");
+                return Err(Error::new(Code::ResourceExhausted, "too many failed sign-in attempts: retry later")
+                    .with_retry_after(wait.max(std::time::Duration::from_secs(1))));
+            }
             // Always verify (against a dummy hash when needed): timing does
             // not tell whether the account exists.
             let hash = found.as_ref().and_then(|u| u.password_hash.clone());
@@ -371,7 +382,21 @@ impl AuthService for Identity {
             let user = match found {
                 Some(user) if matches && user.state == UserState::Active as i16 => user,
                 _ => {
-                    tracing::info!(outcome = "denied", "login failed");
+                    let failure_keys = keys.clone();
+                    let lock = self
+                        .db
+                        .transaction(&EntityScope::System, move |conn| {
+                            Box::pin(
+                                async move { Ok::<_, Error>(throttle::record_failure(conn, &failure_keys).await?) },
+                            )
+                        })
+                        .await?;
+                    match lock {
+                        Some((scope, seconds)) => {
+                            tracing::warn!(outcome = "denied", lock = %scope, seconds, "login failed: lock started")
+                        }
+                        None => tracing::info!(outcome = "denied", "login failed"),
+                    }
                     return Err(bad_credentials());
                 }
             };
@@ -380,6 +405,7 @@ impl AuthService for Identity {
                 .db
                 .transaction(&EntityScope::System, move |conn| {
                     Box::pin(async move {
+                        throttle::record_success(conn, &keys).await?;
                         diesel::sql_query("UPDATE users SET last_login_time = now() WHERE id = $1")
                             .bind::<SqlUuid, _>(user.id)
                             .execute(conn)
