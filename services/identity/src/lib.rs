@@ -8,6 +8,7 @@
 pub mod keys;
 pub mod passwords;
 pub mod service;
+pub mod service_accounts;
 pub mod throttle;
 pub mod tokens;
 
@@ -34,11 +35,11 @@ pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
         .readiness_database(database)
         .add_service(user_service_server::UserServiceServer::new(identity.clone()))
         .add_service(auth_service_server::AuthServiceServer::new(identity.clone()))
-        .add_service(jwks_service_server::JwksServiceServer::new(identity));
+        .add_service(jwks_service_server::JwksServiceServer::new(identity.clone()))
+        .add_service(service_account_service_server::ServiceAccountServiceServer::new(identity));
     let host = socle_server::unimplemented_services!(
         host,
         account_service_server::{AccountServiceServer, AccountService},
-        service_account_service_server::{ServiceAccountServiceServer, ServiceAccountService},
     );
     host.serve(ctx.listener, ctx.shutdown).await
 }

@@ -24,7 +24,7 @@ use crate::{
     keys::KeySet,
     passwords::{Hasher, check_policy},
     throttle,
-    tokens::{hash_token, issue_access, new_refresh_token},
+    tokens::{self, hash_token, issue_access, new_refresh_token},
 };
 
 /// Everything the handlers share.
@@ -41,6 +41,21 @@ impl Identity {
     pub fn new(db: Database, keys: KeySet, settings: AuthSettings) -> Self {
         let parallelism = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         Identity { db, hasher: Hasher::new(parallelism), keys: Arc::new(keys), settings: Arc::new(settings) }
+    }
+
+    /// The database.
+    pub(crate) fn db(&self) -> &Database {
+        &self.db
+    }
+
+    /// The signing keys.
+    pub(crate) fn keys(&self) -> &KeySet {
+        &self.keys
+    }
+
+    /// The `[auth]` settings.
+    pub(crate) fn settings(&self) -> &AuthSettings {
+        &self.settings
     }
 }
 
@@ -199,8 +214,7 @@ async fn tokens_for(
         &identity.keys,
         &identity.settings.issuer,
         &identity.settings.audience,
-        user,
-        session,
+        tokens::Subject::User { user, session },
         now.timestamp(),
         identity.settings.access_token_ttl_secs,
     )?;

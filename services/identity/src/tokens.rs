@@ -32,27 +32,44 @@ pub struct Claims {
     pub socle_kind: String,
 }
 
-/// Signs an access token for `user` in `session`, valid `ttl_secs` (at most 15 minutes).
+/// What an access token is for: a person's session or a service account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    /// A user, in a session.
+    User {
+        /// The user id.
+        user: Uuid,
+        /// The session id.
+        session: Uuid,
+    },
+    /// A service account (client credentials, no session).
+    ServiceAccount(Uuid),
+}
+
+/// Signs an access token for `subject`, valid `ttl_secs` (at most 15 minutes).
 pub fn issue_access(
     keys: &KeySet,
     issuer: &str,
     audience: &str,
-    user: Uuid,
-    session: Uuid,
+    subject: Subject,
     now: i64,
     ttl_secs: u64,
 ) -> Result<(String, i64), Error> {
+    let (sub, sid, kind) = match subject {
+        Subject::User { user, session } => (user.to_string(), session.to_string(), "user"),
+        Subject::ServiceAccount(account) => (account.to_string(), String::new(), "service_account"),
+    };
     let exp = now + ttl_secs.min(900) as i64;
     let claims = Claims {
         iss: issuer.into(),
         aud: audience.into(),
-        sub: user.to_string(),
-        sid: session.to_string(),
+        sub,
+        sid,
         iat: now,
         nbf: now,
         exp,
         jti: Uuid::new_v4().to_string(),
-        socle_kind: "user".into(),
+        socle_kind: kind.into(),
     };
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(keys.current.kid.clone());
@@ -112,7 +129,8 @@ mod tests {
     fn a_fresh_token_verifies_with_its_claims() {
         let k = keys();
         let (user, session) = (Uuid::new_v4(), Uuid::new_v4());
-        let (token, exp) = issue_access(&k, "socle", "socle-api", user, session, now(), 3600).unwrap();
+        let (token, exp) =
+            issue_access(&k, "socle", "socle-api", Subject::User { user, session }, now(), 3600).unwrap();
         assert!(exp - now() <= 900, "lifetime capped at 15 minutes");
         let claims = verify_access(&k, "socle", "socle-api", &token).unwrap();
         assert_eq!(claims.sub, user.to_string());
@@ -122,7 +140,15 @@ mod tests {
     #[test]
     fn tampered_tokens_are_refused() {
         let k = keys();
-        let (token, _) = issue_access(&k, "socle", "socle-api", Uuid::new_v4(), Uuid::new_v4(), now(), 900).unwrap();
+        let (token, _) = issue_access(
+            &k,
+            "socle",
+            "socle-api",
+            Subject::User { user: Uuid::new_v4(), session: Uuid::new_v4() },
+            now(),
+            900,
+        )
+        .unwrap();
         let parts: Vec<&str> = token.split('.').collect();
 
         // alg: none, no signature.
@@ -137,8 +163,15 @@ mod tests {
 
         // Signed by another key that claims the same kid.
         let other = keys();
-        let (foreign, _) =
-            issue_access(&other, "socle", "socle-api", Uuid::new_v4(), Uuid::new_v4(), now(), 900).unwrap();
+        let (foreign, _) = issue_access(
+            &other,
+            "socle",
+            "socle-api",
+            Subject::User { user: Uuid::new_v4(), session: Uuid::new_v4() },
+            now(),
+            900,
+        )
+        .unwrap();
         let foreign_parts: Vec<&str> = foreign.split('.').collect();
         assert!(
             verify_access(&k, "socle", "socle-api", &format!("{}.{}.{}", parts[0], foreign_parts[1], foreign_parts[2]))
@@ -149,8 +182,15 @@ mod tests {
         // Wrong audience, wrong issuer, expired.
         assert!(verify_access(&k, "socle", "another-api", &token).is_err());
         assert!(verify_access(&k, "someone-else", "socle-api", &token).is_err());
-        let (old, _) =
-            issue_access(&k, "socle", "socle-api", Uuid::new_v4(), Uuid::new_v4(), now() - 3600, 900).unwrap();
+        let (old, _) = issue_access(
+            &k,
+            "socle",
+            "socle-api",
+            Subject::User { user: Uuid::new_v4(), session: Uuid::new_v4() },
+            now() - 3600,
+            900,
+        )
+        .unwrap();
         assert!(verify_access(&k, "socle", "socle-api", &old).is_err());
 
         // HMAC with the public key as secret (algorithm confusion).
@@ -164,7 +204,15 @@ mod tests {
     #[test]
     fn rotated_keys_still_verify_their_tokens() {
         let old = keys();
-        let (token, _) = issue_access(&old, "socle", "socle-api", Uuid::new_v4(), Uuid::new_v4(), now(), 900).unwrap();
+        let (token, _) = issue_access(
+            &old,
+            "socle",
+            "socle-api",
+            Subject::User { user: Uuid::new_v4(), session: Uuid::new_v4() },
+            now(),
+            900,
+        )
+        .unwrap();
         let rotated = KeySet { current: keys().current, previous: vec![old.current] };
         assert!(verify_access(&rotated, "socle", "socle-api", &token).is_ok());
         assert_eq!(rotated.jwks().len(), 2);
