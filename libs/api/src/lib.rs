@@ -156,6 +156,17 @@ pub fn check_etag(given: &str, version: i64, required: bool) -> Result<(), Error
     if given == etag(version) { Ok(()) } else { Err(Error::etag_mismatch()) }
 }
 
+/// A protobuf timestamp from a UTC time.
+pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+/// A UTC time from a protobuf timestamp; `field` names it in the violation.
+pub fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<chrono::DateTime<chrono::Utc>, Error> {
+    chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+        .ok_or_else(|| Error::invalid_field(field, "is not a valid time"))
+}
+
 /// Collects field violations and turns them into one error.
 #[derive(Debug, Default)]
 pub struct Violations(Vec<(String, String)>);

@@ -445,6 +445,15 @@ where
     })
 }
 
+/// The gRPC answer of a handler's result: the one place where a handler's
+/// error becomes a status, with the call's request id.
+pub fn reply<T>(
+    result: Result<T, socle_errors::Error>,
+    request_id: Option<String>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    result.map(tonic::Response::new).map_err(|e| e.into_status(request_id.as_deref()))
+}
+
 /// The future returned by a service's `migrate` function.
 pub type MigrateFuture = std::pin::Pin<Box<dyn Future<Output = Result<Vec<String>, ServerError>> + Send>>;
 

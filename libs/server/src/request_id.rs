@@ -30,6 +30,11 @@ pub fn of<T>(request: &tonic::Request<T>) -> Option<&str> {
     request.extensions().get::<RequestId>().map(|r| r.0.as_str())
 }
 
+/// The request id of a call, owned (to keep across `into_inner`).
+pub fn owned<T>(request: &tonic::Request<T>) -> Option<String> {
+    of(request).map(str::to_owned)
+}
+
 /// See the module docs.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RequestIdLayer;

@@ -10,13 +10,14 @@ use diesel::{
     sql_types::{BigInt, Bytea, Nullable, SmallInt, Text, Timestamptz, Uuid as SqlUuid},
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use socle_api::{Violations, etag, parse_id, parse_optional_id};
+use socle_api::{Violations, etag, parse_id, parse_optional_id, timestamp};
 use socle_db::{Database, DbError, EntityScope, idempotency};
 use socle_errors::{Code, Error};
 use socle_proto::socle::identity::v1::{
     auth_service_server::AuthService, jwks_service_server::JwksService, user_service_server::UserService, *,
 };
 use socle_server::AuthSettings;
+use socle_server::{reply, request_id::owned as rid};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -57,18 +58,6 @@ impl Identity {
     pub(crate) fn settings(&self) -> &AuthSettings {
         &self.settings
     }
-}
-
-fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
-}
-
-fn reply<T>(result: Result<T, Error>, request_id: Option<String>) -> Result<Response<T>, Status> {
-    result.map(Response::new).map_err(|e| e.into_status(request_id.as_deref()))
-}
-
-fn rid<T>(request: &Request<T>) -> Option<String> {
-    socle_server::request_id::of(request).map(str::to_owned)
 }
 
 /// The e-mail as compared: trimmed, lower case.

@@ -11,10 +11,11 @@ use diesel::{
     sql_types::{BigInt, Bool, Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid},
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use socle_api::{Violations, check_etag, etag, parse_id};
+use socle_api::{Violations, check_etag, etag, parse_id, timestamp};
 use socle_db::{DbError, EntityScope, idempotency};
 use socle_errors::{Code, Error};
 use socle_proto::socle::identity::v1::{service_account_service_server::ServiceAccountService, *};
+use socle_server::{reply, request_id::owned as rid};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -62,10 +63,6 @@ const SELECT: &str =
         previous_secret_hash, previous_secret_expire_time, disabled, last_token_time, create_time, update_time, version
    FROM service_accounts";
 
-fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
-}
-
 impl AccountRow {
     fn to_proto(&self) -> ServiceAccount {
         ServiceAccount {
@@ -108,14 +105,6 @@ async fn load(conn: &mut AsyncPgConnection, clause: &str, key: &str) -> Result<O
         Err(DieselError::NotFound) => Ok(None),
         Err(e) => Err(e.into()),
     }
-}
-
-fn reply<T>(result: Result<T, Error>, request_id: Option<String>) -> Result<Response<T>, Status> {
-    result.map(Response::new).map_err(|e| e.into_status(request_id.as_deref()))
-}
-
-fn rid<T>(request: &Request<T>) -> Option<String> {
-    socle_server::request_id::of(request).map(str::to_owned)
 }
 
 #[tonic::async_trait]
