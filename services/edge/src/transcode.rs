@@ -386,9 +386,16 @@ async fn upload(
         grpc.client_streaming(request, path, codec).await
     };
     let mut call = Box::pin(tokio::time::timeout(state.upload_timeout, call));
+    let mut overflow_rx = overflow_rx;
     let outcome = tokio::select! {
-        result = &mut call => Ok(result),
-        Ok(problem) = overflow_rx => Err(problem),
+        // The upload's own failure explains a failed call: check it first.
+        biased;
+        Ok(problem) = &mut overflow_rx => Err(problem),
+        result = &mut call => match overflow_rx.try_recv() {
+            // The upstream saw the reset before we saw the reason.
+            Ok(problem) => Err(problem),
+            Err(_) => Ok(result),
+        },
     };
     let response = match outcome {
         Ok(Ok(result)) => result.map_err(|s| upstream_status(s, rid))?,
