@@ -15,11 +15,38 @@
 use std::{collections::HashMap, sync::Arc, task::Poll};
 
 use futures::future::BoxFuture;
+use http_body_util::BodyExt;
 use prost_reflect::DescriptorPool;
+use prost_reflect::ReflectMessage;
 use socle_errors::{Error, reason};
 use socle_proto::options::{AccessRule, access_rule};
 
 use crate::request_id::RequestId;
+
+/// The largest request the authorization layer reads to find the target
+/// entity (beyond, the call is refused rather than buffered).
+const MAX_INSPECTED_BODY: usize = 8 * 1024 * 1024;
+
+/// The value of a (dotted) string field in the first gRPC message of `body`.
+fn entity_of(body: &[u8], method: &prost_reflect::MethodDescriptor, path: &str) -> Option<String> {
+    // gRPC framing: 1 byte compressed flag, 4 bytes length, the message.
+    if body.len() < 5 || body[0] != 0 {
+        return None;
+    }
+    let length = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    let message = body.get(5..5 + length)?;
+    let mut current = prost_reflect::DynamicMessage::decode(method.input(), message).ok()?;
+    let segments: Vec<&str> = path.split('.').collect();
+    for (i, segment) in segments.iter().enumerate() {
+        let field = current.descriptor().get_field_by_name(segment)?;
+        let value = current.get_field(&field).into_owned();
+        if i + 1 == segments.len() {
+            return value.as_str().filter(|s| !s.is_empty()).map(str::to_owned);
+        }
+        current = value.as_message()?.clone();
+    }
+    None
+}
 
 /// Paths answered by every server without credentials.
 const INFRASTRUCTURE_SERVICES: &[&str] =
@@ -31,7 +58,7 @@ pub enum Access {
     /// Health and reflection.
     Infrastructure,
     /// An RPC with its declared rule.
-    Declared(Arc<AccessRule>),
+    Declared(Arc<AccessRule>, prost_reflect::MethodDescriptor),
     /// An RPC of our contracts that declares no rule: always refused.
     Undeclared,
 }
@@ -50,7 +77,7 @@ impl AccessTable {
             for method in service.methods() {
                 let path = format!("/{}/{}", service.full_name(), method.name());
                 let access = match access_rule(&method) {
-                    Some(rule) => Access::Declared(Arc::new(rule)),
+                    Some(rule) => Access::Declared(Arc::new(rule), method.clone()),
                     None => Access::Undeclared,
                 };
                 by_path.insert(path, access);
@@ -96,6 +123,9 @@ pub struct CallInfo<'a> {
     pub rule: &'a AccessRule,
     /// The request headers (authorization, `x-socle-entity`, …).
     pub headers: &'a http::HeaderMap,
+    /// The entity named by the request field of the rule's `entity_field`,
+    /// when the rule has one and the field is set.
+    pub entity: Option<String>,
 }
 
 /// Decides whether a call that declares a rule may proceed.
@@ -162,11 +192,13 @@ pub struct AuthzService<S> {
     authorizer: Arc<dyn Authorizer>,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for AuthzService<S>
+impl<S> tower::Service<http::Request<tonic::body::Body>> for AuthzService<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
-    B: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -176,7 +208,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
         // Take the service that was polled ready, leave a fresh clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -200,9 +232,27 @@ where
                             .with_reason(reason::ACCESS_RULE_MISSING),
                     );
                 }
-                Some(Access::Declared(rule)) => {
-                    let decision =
-                        authorizer.authorize(CallInfo { path: &path, rule: &rule, headers: request.headers() }).await;
+                Some(Access::Declared(rule, method)) => {
+                    // The target entity is in the request message: read it
+                    // from the first message, then hand the body on intact.
+                    let mut entity = None;
+                    if !rule.entity_field.is_empty() {
+                        let (parts, body) = request.into_parts();
+                        let bytes = match http_body_util::Limited::new(body, MAX_INSPECTED_BODY).collect().await {
+                            Ok(collected) => collected.to_bytes(),
+                            Err(_) => {
+                                return deny(Error::invalid_argument(
+                                    "the request could not be read for authorization",
+                                ));
+                            }
+                        };
+                        entity = entity_of(&bytes, &method, &rule.entity_field);
+                        request =
+                            http::Request::from_parts(parts, tonic::body::Body::new(http_body_util::Full::new(bytes)));
+                    }
+                    let decision = authorizer
+                        .authorize(CallInfo { path: &path, rule: &rule, headers: request.headers(), entity })
+                        .await;
                     match decision {
                         Ok(principal) => {
                             request.extensions_mut().insert(principal);

@@ -105,7 +105,8 @@ async fn red_metrics_count_every_rpc_by_method_and_code() {
     let exporter = InMemoryMetricExporter::default();
     let provider = SdkMeterProvider::builder().with_reader(PeriodicReader::builder(exporter.clone()).build()).build();
     let metrics = socle_telemetry::RpcMetrics::from_meter(&provider.meter("test"));
-    let server = socle_testkit::example::spawn_example_with(ServerSettings::default(), Some(metrics)).await.unwrap();
+    let server =
+        socle_testkit::example::spawn_example_with(ServerSettings::default(), Some(metrics), None).await.unwrap();
     let channel = tonic::transport::Endpoint::from_shared(server.url()).unwrap().connect().await.unwrap();
     let mut client = ExampleServiceClient::new(channel);
     client.get_widget(GetWidgetRequest::default()).await.unwrap();
@@ -135,4 +136,48 @@ async fn red_metrics_count_every_rpc_by_method_and_code() {
     }
     assert_eq!(counts.get(&("GetWidget".into(), "OK".into())), Some(&2), "{counts:?}");
     assert_eq!(counts.get(&("ForgottenRule".into(), "PERMISSION_DENIED".into())), Some(&1), "{counts:?}");
+}
+
+/// Lets a call through only when its target entity is `branch-a`.
+struct OnlyBranchA;
+
+impl socle_server::Authorizer for OnlyBranchA {
+    fn authorize<'a>(
+        &'a self,
+        call: socle_server::authz::CallInfo<'a>,
+    ) -> futures::future::BoxFuture<'a, Result<socle_server::Principal, socle_errors::Error>> {
+        Box::pin(async move {
+            match call.entity.as_deref() {
+                Some("branch-a") => Ok(socle_server::Principal::Anonymous),
+                other => Err(socle_errors::Error::permission_denied(format!("not allowed on {other:?}"))),
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_layer_reads_the_target_entity_from_the_request_and_passes_the_body_on() {
+    use socle_testproto::socle::example::v1::{CreateWidgetRequest, Widget};
+    let server = socle_testkit::example::spawn_example_with(
+        ServerSettings::default(),
+        None,
+        Some(std::sync::Arc::new(OnlyBranchA)),
+    )
+    .await
+    .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(server.url()).unwrap().connect().await.unwrap();
+    let mut client = ExampleServiceClient::new(channel);
+    let create = |entity: &str| CreateWidgetRequest {
+        request_id: "r1".into(),
+        widget: Some(Widget { entity_id: entity.into(), display_name: "Atelier".into(), ..Default::default() }),
+    };
+    // `CreateWidget` declares `entity_field: "widget.entity_id"`.
+    let created = client.create_widget(create("branch-a")).await.unwrap().into_inner();
+    assert_eq!(created.widget.unwrap().display_name, "Atelier", "the handler got the whole message");
+    let refused = client.create_widget(create("branch-b")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(refused.message().contains("branch-b"), "{}", refused.message());
+    // No entity field on the RPC and no header: the authorizer sees none.
+    let refused = client.get_widget(GetWidgetRequest::default()).await.unwrap_err();
+    assert!(refused.message().contains("None"), "{}", refused.message());
 }

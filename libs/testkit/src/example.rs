@@ -206,19 +206,20 @@ impl Drop for RunningExample {
 
 /// Serves [`Example`] on port 0 with `settings` (timeouts, load shedding).
 pub async fn spawn_example(settings: ServerSettings) -> anyhow::Result<RunningExample> {
-    spawn_example_with(settings, None).await
+    spawn_example_with(settings, None, None).await
 }
 
 /// Like [`spawn_example`], recording RED metrics into `metrics`.
 pub async fn spawn_example_with(
     settings: ServerSettings,
     metrics: Option<socle_telemetry::RpcMetrics>,
+    authorizer: Option<Arc<dyn socle_server::Authorizer>>,
 ) -> anyhow::Result<RunningExample> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (tx, rx) = oneshot::channel::<()>();
     let host = ServiceHost::new("example", socle_testproto::descriptor_pool(), settings)
-        .authorizer(Arc::new(DeclaredRulesOnly))
+        .authorizer(authorizer.unwrap_or_else(|| Arc::new(DeclaredRulesOnly)))
         .add_service(ExampleServiceServer::new(Example));
     let host = match metrics {
         Some(metrics) => host.metrics(metrics),
