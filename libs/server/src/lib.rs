@@ -19,9 +19,12 @@ use tokio::net::TcpListener;
 use tonic::{server::NamedService, service::RoutesBuilder};
 use tower::ServiceBuilder;
 
+pub mod authn;
 pub mod authz;
 pub mod layers;
+pub mod remote_auth;
 pub mod request_id;
+pub mod token_authz;
 
 pub use authz::{Authorizer, DeclaredRulesOnly, Principal};
 pub use request_id::RequestId;
@@ -58,6 +61,18 @@ impl Default for ServerSettings {
     }
 }
 
+/// How a service authorizes calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Only the declared rules are enforced (no identity yet; tests of a
+    /// single service).
+    #[default]
+    Declared,
+    /// Access tokens are verified and permissions checked with tenancy.
+    Tokens,
+}
+
 /// `[auth]`: how tokens are issued (identity) and verified (every service).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -70,6 +85,16 @@ pub struct AuthSettings {
     pub access_token_ttl_secs: u64,
     /// Refresh token (and session) lifetime, in seconds.
     pub refresh_token_ttl_secs: u64,
+    /// `declared` or `tokens` (see [`AuthMode`]).
+    pub mode: AuthMode,
+    /// The identity service (JWKS, service tokens), for `tokens`.
+    pub identity_url: Option<String>,
+    /// The tenancy service (access decisions), for `tokens`.
+    pub tenancy_url: Option<String>,
+    /// This service's service-account client id, for `tokens`.
+    pub client_id: Option<String>,
+    /// This service's service-account secret, as a locator.
+    pub client_secret: Option<socle_config::SecretRef>,
     /// Identity only: the console's base URL, for invitation links.
     pub console_url: String,
     /// Identity only: how long an invitation link stays valid, in seconds.
@@ -89,6 +114,11 @@ impl Default for AuthSettings {
             audience: "socle-api".into(),
             access_token_ttl_secs: 900,
             refresh_token_ttl_secs: 30 * 24 * 3600,
+            mode: AuthMode::Declared,
+            identity_url: None,
+            tenancy_url: None,
+            client_id: None,
+            client_secret: None,
             console_url: "http://localhost:4200".into(),
             invitation_ttl_secs: 7 * 24 * 3600,
             signing_key: None,
@@ -452,6 +482,46 @@ pub fn reply<T>(
     request_id: Option<String>,
 ) -> Result<tonic::Response<T>, tonic::Status> {
     result.map(tonic::Response::new).map_err(|e| e.into_status(request_id.as_deref()))
+}
+
+/// The authorizer a service runs with: in `tokens` mode a
+/// [`token_authz::TokenAuthorizer`] (with `local` access decisions when the
+/// service is tenancy itself), otherwise the one in the context.
+pub async fn authorizer_for(
+    auth: &AuthSettings,
+    secrets: &SecretResolver,
+    fallback: Arc<dyn Authorizer>,
+    local: Option<Arc<dyn token_authz::AccessCheck>>,
+) -> Result<Arc<dyn Authorizer>, ServerError> {
+    if auth.mode == AuthMode::Declared {
+        return Ok(fallback);
+    }
+    let required = |value: &Option<String>, key: &str| {
+        value.clone().ok_or_else(|| ServerError::Other(format!("auth.{key} is required when auth.mode = \"tokens\"")))
+    };
+    let identity = remote_auth::channel(&required(&auth.identity_url, "identity_url")?).map_err(ServerError::Other)?;
+    let access: Arc<dyn token_authz::AccessCheck> = match local {
+        Some(local) => local,
+        None => {
+            let tenancy =
+                remote_auth::channel(&required(&auth.tenancy_url, "tenancy_url")?).map_err(ServerError::Other)?;
+            let secret = auth.client_secret.as_ref().ok_or_else(|| {
+                ServerError::Other("auth.client_secret is required when auth.mode = \"tokens\"".into())
+            })?;
+            let token = remote_auth::ServiceToken::new(
+                identity.clone(),
+                required(&auth.client_id, "client_id")?,
+                secrets.resolve(secret).await?,
+            );
+            Arc::new(remote_auth::RemoteAccessCheck::new(tenancy, Arc::new(token)))
+        }
+    };
+    Ok(Arc::new(token_authz::TokenAuthorizer::new(
+        auth.issuer.clone(),
+        auth.audience.clone(),
+        Arc::new(remote_auth::GrpcKeySource::new(identity)),
+        access,
+    )))
 }
 
 /// The future returned by a service's `migrate` function.

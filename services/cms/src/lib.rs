@@ -20,8 +20,9 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// Runs the service until `ctx.shutdown` resolves.
 pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
     let database = socle_server::open_database(&ctx.config.database, &ctx.secrets, MIGRATIONS).await?;
+    let authorizer = socle_server::authorizer_for(&ctx.config.auth, &ctx.secrets, ctx.authorizer.clone(), None).await?;
     let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
-        .authorizer(ctx.authorizer)
+        .authorizer(authorizer)
         .readiness_database(database);
     let host = socle_server::unimplemented_services!(
         host,

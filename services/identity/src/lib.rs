@@ -29,9 +29,10 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
     let keys = signing_keys(&ctx.config.auth, &ctx.secrets).await?;
     let database = socle_server::open_database(&ctx.config.database, &ctx.secrets, MIGRATIONS).await?;
+    let authorizer = socle_server::authorizer_for(&ctx.config.auth, &ctx.secrets, ctx.authorizer.clone(), None).await?;
     let identity = service::Identity::new(database.clone(), keys, ctx.config.auth.clone());
     let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
-        .authorizer(ctx.authorizer)
+        .authorizer(authorizer)
         .readiness_database(database)
         .add_service(user_service_server::UserServiceServer::new(identity.clone()))
         .add_service(auth_service_server::AuthServiceServer::new(identity.clone()))

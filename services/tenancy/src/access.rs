@@ -92,6 +92,84 @@ fn is_read(permission: &str) -> bool {
     permission.ends_with(".read")
 }
 
+fn denied(reason: DenyReason, policy_version: i64) -> CheckAccessResponse {
+    CheckAccessResponse { allowed: false, decided_by: None, deny_reason: reason as i32, policy_version }
+}
+
+/// The decision of `CheckAccess`, shared by the RPC and by tenancy's own
+/// authorization layer (which must not call itself over the network).
+pub async fn decide(
+    db: &Database,
+    kind: i16,
+    who: Uuid,
+    permission: String,
+    entity: Uuid,
+) -> Result<CheckAccessResponse, Error> {
+    if !roles::catalogue().iter().any(|p| p.name == permission) {
+        return Ok(denied(DenyReason::UnknownPermission, 0));
+    }
+    db.transaction(&EntityScope::System, move |conn| {
+        Box::pin(async move {
+            let version = policy_version(conn).await?;
+            let Some(target) = entities::load(conn, entity, false).await? else {
+                return Ok(denied(DenyReason::EntityNotFound, version));
+            };
+            if !target.active() && !is_read(&permission) {
+                return Ok(denied(DenyReason::EntityArchived, version));
+            }
+            let grants = applying(conn, kind, who, entity).await?;
+            let holding: Vec<&Applying> = grants.iter().filter(|g| g.permissions.contains(&permission)).collect();
+            match holding.iter().find(|g| !g.expired) {
+                Some(grant) => Ok(CheckAccessResponse {
+                    allowed: true,
+                    decided_by: Some(grant_path(grant, &target)),
+                    deny_reason: DenyReason::Unspecified as i32,
+                    policy_version: version,
+                }),
+                None if !holding.is_empty() => Ok(denied(DenyReason::GrantExpired, version)),
+                None => Ok(denied(DenyReason::NoMatchingGrant, version)),
+            }
+        })
+    })
+    .await
+}
+
+/// Tenancy's authorization layer decides locally, with [`decide`].
+pub struct LocalAccessCheck {
+    db: Database,
+}
+
+impl LocalAccessCheck {
+    /// Decisions from the tenancy database.
+    pub fn new(db: Database) -> Self {
+        LocalAccessCheck { db }
+    }
+}
+
+impl socle_server::token_authz::AccessCheck for LocalAccessCheck {
+    fn check<'a>(
+        &'a self,
+        principal: &'a socle_server::Principal,
+        permission: &'a str,
+        entity: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<socle_server::token_authz::Decision, Error>> {
+        Box::pin(async move {
+            let refuse = socle_server::token_authz::Decision { allowed: false, policy_version: 0 };
+            let (kind, id) = match principal {
+                socle_server::Principal::User { user_id, .. } => (1, user_id),
+                socle_server::Principal::Service { account_id } => (2, account_id),
+                socle_server::Principal::Anonymous => return Ok(refuse),
+            };
+            let (Ok(who), Ok(target)) = (Uuid::parse_str(id), Uuid::parse_str(entity)) else { return Ok(refuse) };
+            let decision = decide(&self.db, kind, who, permission.to_owned(), target).await?;
+            Ok(socle_server::token_authz::Decision {
+                allowed: decision.allowed,
+                policy_version: decision.policy_version,
+            })
+        })
+    }
+}
+
 /// The gRPC adapter of access decisions.
 #[derive(Clone)]
 pub struct AccessApi {
@@ -119,42 +197,8 @@ impl AccessService for AccessApi {
             if r.permission.is_empty() {
                 return Err(Error::invalid_field("permission", "is required"));
             }
-            let denied = |reason: DenyReason, policy_version: i64| CheckAccessResponse {
-                allowed: false,
-                decided_by: None,
-                deny_reason: reason as i32,
-                policy_version,
-            };
-            if !roles::catalogue().iter().any(|p| p.name == r.permission) {
-                return Ok(denied(DenyReason::UnknownPermission, 0));
-            }
-            let permission = r.permission;
-            self.db
-                .transaction(&EntityScope::System, move |conn| {
-                    Box::pin(async move {
-                        let version = policy_version(conn).await?;
-                        let Some(target) = entities::load(conn, entity, false).await? else {
-                            return Ok(denied(DenyReason::EntityNotFound, version));
-                        };
-                        if !target.active() && !is_read(&permission) {
-                            return Ok(denied(DenyReason::EntityArchived, version));
-                        }
-                        let grants = applying(conn, kind, who, entity).await?;
-                        let holding: Vec<&Applying> =
-                            grants.iter().filter(|g| g.permissions.contains(&permission)).collect();
-                        match holding.iter().find(|g| !g.expired) {
-                            Some(grant) => Ok(CheckAccessResponse {
-                                allowed: true,
-                                decided_by: Some(grant_path(grant, &target)),
-                                deny_reason: DenyReason::Unspecified as i32,
-                                policy_version: version,
-                            }),
-                            None if !holding.is_empty() => Ok(denied(DenyReason::GrantExpired, version)),
-                            None => Ok(denied(DenyReason::NoMatchingGrant, version)),
-                        }
-                    })
-                })
-                .await
+            let db = self.db.clone();
+            decide(&db, kind, who, r.permission, entity).await
         }
         .await;
         reply(result, request_id)

@@ -28,8 +28,15 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// Runs the service until `ctx.shutdown` resolves.
 pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
     let database = socle_server::open_database(&ctx.config.database, &ctx.secrets, MIGRATIONS).await?;
+    let authorizer = socle_server::authorizer_for(
+        &ctx.config.auth,
+        &ctx.secrets,
+        ctx.authorizer.clone(),
+        Some(std::sync::Arc::new(access::LocalAccessCheck::new(database.clone()))),
+    )
+    .await?;
     let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
-        .authorizer(ctx.authorizer)
+        .authorizer(authorizer)
         .readiness_database(database.clone())
         .add_service(entity_service_server::EntityServiceServer::new(entities::EntityApi::new(database.clone())))
         .add_service(role_service_server::RoleServiceServer::new(roles::RoleApi::new(database.clone())))
