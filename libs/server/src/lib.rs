@@ -500,6 +500,7 @@ pub async fn authorizer_for(
         value.clone().ok_or_else(|| ServerError::Other(format!("auth.{key} is required when auth.mode = \"tokens\"")))
     };
     let identity = remote_auth::channel(&required(&auth.identity_url, "identity_url")?).map_err(ServerError::Other)?;
+    let is_local = local.is_some();
     let access: Arc<dyn token_authz::AccessCheck> = match local {
         Some(local) => local,
         None => {
@@ -516,12 +517,13 @@ pub async fn authorizer_for(
             Arc::new(remote_auth::RemoteAccessCheck::new(tenancy, Arc::new(token)))
         }
     };
-    Ok(Arc::new(token_authz::TokenAuthorizer::new(
+    let authorizer = token_authz::TokenAuthorizer::new(
         auth.issuer.clone(),
         auth.audience.clone(),
         Arc::new(remote_auth::GrpcKeySource::new(identity)),
         access,
-    )))
+    );
+    Ok(Arc::new(if is_local { authorizer.without_cache() } else { authorizer }))
 }
 
 /// The future returned by a service's `migrate` function.

@@ -72,6 +72,7 @@ pub struct TokenAuthorizer {
     source: Arc<dyn KeySource>,
     access: Arc<dyn AccessCheck>,
     cache: Mutex<Cache>,
+    cache_ttl: Duration,
 }
 
 impl TokenAuthorizer {
@@ -84,7 +85,15 @@ impl TokenAuthorizer {
             source,
             access,
             cache: Mutex::new(Cache::default()),
+            cache_ttl: CACHE_TTL,
         }
+    }
+
+    /// Does not cache decisions (tenancy itself decides locally, at the
+    /// cost of one indexed query, and sees grant changes at once).
+    pub fn without_cache(mut self) -> Self {
+        self.cache_ttl = Duration::ZERO;
+        self
     }
 
     async fn principal(&self, headers: &http::HeaderMap) -> Result<Principal, Error> {
@@ -123,7 +132,7 @@ impl TokenAuthorizer {
         };
         let key = (subject, permission.to_owned(), entity.to_owned());
         if let Some((allowed, at)) = self.cache.lock().expect("cache").decisions.get(&key)
-            && at.elapsed() < CACHE_TTL
+            && at.elapsed() < self.cache_ttl
         {
             return Ok(*allowed);
         }

@@ -21,6 +21,7 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 pub mod example;
 pub mod grpc_web;
+pub mod secure;
 pub mod vault;
 
 /// The maintenance URL of the test cluster.
@@ -201,18 +202,32 @@ pub async fn spawn_service_with(
     service: Service,
     adjust: impl FnOnce(&mut ServiceConfig),
 ) -> anyhow::Result<RunningService> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    spawn_service_on(service, listener, &[], adjust).await
+}
+
+/// Like [`spawn_service_with`], on a listener bound beforehand (so that
+/// services can be told each other's addresses) and with extra entries in
+/// its secrets file.
+pub async fn spawn_service_on(
+    service: Service,
+    listener: TcpListener,
+    extra_secrets: &[(&str, String)],
+    adjust: impl FnOnce(&mut ServiceConfig),
+) -> anyhow::Result<RunningService> {
     let database = TestDatabase::create(service.name()).await?;
     let dir = tempfile::tempdir()?;
     let secrets_file = dir.path().join("secrets.toml");
     let signing_key = socle_identity::keys::SigningKey::generate_pkcs8_base64();
-    std::fs::write(
-        &secrets_file,
-        format!(
-            "db_password = \"{}\"\nsigning_key = \"{}\"\n",
-            database.app_password,
-            socle_config::ExposeSecret::expose_secret(&signing_key)
-        ),
-    )?;
+    let mut secrets_text = format!(
+        "db_password = \"{}\"\nsigning_key = \"{}\"\n",
+        database.app_password,
+        socle_config::ExposeSecret::expose_secret(&signing_key)
+    );
+    for (key, value) in extra_secrets {
+        secrets_text.push_str(&format!("{key} = \"{value}\"\n"));
+    }
+    std::fs::write(&secrets_file, secrets_text)?;
 
     let mut config = ServiceConfig::default();
     config.database.url = database.app_url.clone();
@@ -228,7 +243,6 @@ pub async fn spawn_service_with(
     config.secrets = SecretsSettings { file: Some(secrets_file.clone()) };
     let secrets = load_resolver(&config).await?;
 
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (tx, shutdown) = shutdown_pair();
     let ctx = ServiceContext { config, secrets, listener, shutdown, authorizer: Arc::new(DeclaredRulesOnly) };

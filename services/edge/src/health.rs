@@ -53,12 +53,14 @@ impl Health for EdgeHealth {
         let mut client = HealthClient::new(upstream);
         match client.check(HealthCheckRequest { service }).await {
             Ok(response) => Ok(response),
-            // An unreachable upstream is not an error of the check: it is
-            // the answer.
-            Err(status) if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => {
+            // The upstream does not know the service: a caller's mistake.
+            Err(status) if status.code() == tonic::Code::NotFound => Err(status),
+            // Unreachable, draining (cancelled, GOAWAY), timing out: an upstream
+            // that cannot answer its health check is not serving.
+            Err(status) => {
+                tracing::debug!(code = ?status.code(), "upstream health check failed");
                 Ok(tonic::Response::new(HealthCheckResponse { status: ServingStatus::NotServing as i32 }))
             }
-            Err(status) => Err(status),
         }
     }
 

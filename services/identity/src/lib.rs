@@ -5,6 +5,7 @@
 //! `Login`, refresh-token rotation with reuse detection, `Logout` and the
 //! JWKS. The other RPCs answer `UNIMPLEMENTED` until they are built (issue 3).
 
+pub mod bootstrap;
 pub mod keys;
 pub mod passwords;
 pub mod service;

@@ -114,6 +114,56 @@ pub(crate) fn principal(field: &str, actor: Option<&ActorRef>) -> Result<(i16, U
     Ok((kind, parse_id(&format!("{field}.id"), &actor.id)?))
 }
 
+/// Grants a built-in role directly in the database: the bootstrap of the
+/// first administrator and of the platform's service accounts, before any
+/// principal could call `CreateGrant`. Idempotent.
+pub async fn bootstrap_grant(
+    db: &Database,
+    principal_kind: i16,
+    principal_id: Uuid,
+    role_name: &str,
+    entity: Uuid,
+    scope: GrantScope,
+) -> Result<(), Error> {
+    let role_name = role_name.to_owned();
+    let scope = scope as i16;
+    db.transaction(&EntityScope::System, move |conn| {
+        Box::pin(async move {
+            let exists: crate::common::Count = diesel::sql_query(
+                "SELECT count(*) AS n FROM grants g JOIN roles r ON r.id = g.role_id
+                  WHERE g.principal_kind = $1 AND g.principal_id = $2 AND r.name = $3 AND r.entity_id IS NULL
+                    AND g.entity_id = $4 AND g.scope = $5",
+            )
+            .bind::<SmallInt, _>(principal_kind)
+            .bind::<SqlUuid, _>(principal_id)
+            .bind::<Text, _>(&role_name)
+            .bind::<SqlUuid, _>(entity)
+            .bind::<SmallInt, _>(scope)
+            .get_result(conn)
+            .await
+            .map_err(DbError::from)?;
+            if exists.n == 0 {
+                diesel::sql_query(
+                    "INSERT INTO grants (id, entity_id, principal_kind, principal_id, role_id, scope, reason)
+                     SELECT $1, $2, $3, $4, r.id, $6, 'bootstrap' FROM roles r WHERE r.name = $5 AND r.entity_id IS NULL",
+                )
+                .bind::<SqlUuid, _>(Uuid::now_v7())
+                .bind::<SqlUuid, _>(entity)
+                .bind::<SmallInt, _>(principal_kind)
+                .bind::<SqlUuid, _>(principal_id)
+                .bind::<Text, _>(&role_name)
+                .bind::<SmallInt, _>(scope)
+                .execute(conn)
+                .await
+                .map_err(DbError::from)?;
+                bump_policy(conn).await?;
+            }
+            Ok(())
+        })
+    })
+    .await
+}
+
 /// The gRPC adapter of grants.
 #[derive(Clone)]
 pub struct GrantApi {

@@ -12,6 +12,7 @@ pub mod grants;
 pub mod roles;
 
 pub use entities::ensure_root;
+pub use grants::bootstrap_grant;
 use socle_db::{EmbeddedMigrations, embed_migrations};
 use socle_proto::socle::tenancy::v1::*;
 use socle_server::{MigrateFuture, ServerError, ServiceConfig, ServiceContext, ServiceHost};

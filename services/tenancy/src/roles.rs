@@ -106,6 +106,12 @@ const BUILT_IN: &[(&str, &str, &str, Rule)] = &[
     ("ai_user", "Utilisateur de l'assistant", "Interroge l'assistant IA.", |p| {
         p.name == "ai.questions.ask" || (p.service == "ai" && p.action == "read")
     }),
+    (
+        "platform_service",
+        "Service de la plateforme",
+        "Pour les comptes de service des services Socle : vérifier les droits, écrire l'audit.",
+        |p| p.name == "tenancy.access.read" || p.name == "audit.events.append",
+    ),
 ];
 
 /// Writes the built-in roles from the current catalogue (idempotent).

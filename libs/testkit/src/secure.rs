@@ -1,0 +1,161 @@
+//! The whole platform with real authorization (`[auth] mode = "tokens"`):
+//! every service verifies access tokens with identity's JWKS and asks
+//! tenancy for decisions with its own service account. Bootstrapped like a
+//! real deployment: the national root, one service account per service
+//! (granted `platform_service`), and a first national administrator who
+//! accepts an invitation — no default password anywhere.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use serde_json::{Value, json};
+use socle_config::SecretString;
+use socle_proto::socle::tenancy::v1::GrantScope;
+use socle_server::AuthMode;
+use tokio::net::TcpListener;
+use uuid::Uuid;
+
+use crate::{RunningEdge, RunningService, Service, spawn_edge, spawn_service_on};
+
+/// The secured platform.
+pub struct SecurePlatform {
+    /// The services.
+    pub services: BTreeMap<Service, RunningService>,
+    /// The edge.
+    pub edge: RunningEdge,
+    /// The national root entity.
+    pub root: String,
+    /// A national administrator's access token.
+    pub admin_token: String,
+    http: reqwest::Client,
+}
+
+async fn database_of(service: &RunningService) -> anyhow::Result<socle_db::Database> {
+    Ok(socle_db::Database::connect(
+        &SecretString::from(service.database.app_url_with_password()),
+        2,
+        std::time::Duration::from_secs(5),
+    )
+    .await?)
+}
+
+/// The password every test user gets (tests only).
+pub const TEST_PASSWORD: &str = "cheval agrafe batterie correcte";
+
+impl SecurePlatform {
+    /// Starts and bootstraps everything.
+    pub async fn start() -> anyhow::Result<Self> {
+        let mut listeners = BTreeMap::new();
+        for service in Service::ALL {
+            listeners.insert(service, TcpListener::bind("127.0.0.1:0").await?);
+        }
+        let url = |s: Service, l: &BTreeMap<Service, TcpListener>| -> anyhow::Result<String> {
+            Ok(format!("http://{}", l[&s].local_addr()?))
+        };
+        let identity_url = url(Service::Identity, &listeners)?;
+        let tenancy_url = url(Service::Tenancy, &listeners)?;
+        let mut credentials = BTreeMap::new();
+        let mut services = BTreeMap::new();
+        for (service, listener) in listeners {
+            let client_id = format!("sa-{}", service.name());
+            let secret = Uuid::new_v4().simple().to_string() + &Uuid::new_v4().simple().to_string();
+            credentials.insert(service, (client_id.clone(), secret.clone()));
+            let (identity_url, tenancy_url) = (identity_url.clone(), tenancy_url.clone());
+            let running = spawn_service_on(service, listener, &[("client_secret", secret)], move |c| {
+                c.auth.mode = AuthMode::Tokens;
+                c.auth.identity_url = Some(identity_url);
+                c.auth.tenancy_url = Some(tenancy_url);
+                c.auth.client_id = Some(client_id);
+                c.auth.client_secret = Some(socle_config::SecretRef::parse("file:client_secret").expect("locator"));
+            })
+            .await?;
+            services.insert(service, running);
+        }
+
+        let tenancy = database_of(&services[&Service::Tenancy]).await?;
+        let identity = database_of(&services[&Service::Identity]).await?;
+        let root = socle_tenancy::ensure_root(&tenancy, "Fédération nationale", "NATIONAL", "national")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let root_id = Uuid::parse_str(&root.id)?;
+        for (service, (client_id, secret)) in &credentials {
+            let account = socle_identity::bootstrap::ensure_service_account(
+                &identity,
+                &format!("{}-service", service.name()),
+                root_id,
+                client_id,
+                &SecretString::from(secret.clone()),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            socle_tenancy::bootstrap_grant(&tenancy, 2, account, "platform_service", root_id, GrantScope::Subtree)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+
+        let mut config = socle_edge::EdgeConfig::default();
+        for (service, running) in &services {
+            config.upstreams.insert(service.package().to_owned(), running.url());
+        }
+        let edge = spawn_edge(&socle_edge::default_pool(), config).await?;
+        let mut platform = SecurePlatform {
+            services,
+            edge,
+            root: root.id.clone(),
+            admin_token: String::new(),
+            http: reqwest::Client::new(),
+        };
+        let (admin, token) = platform.user_with_password("admin@socle.test", &root.id).await?;
+        socle_tenancy::bootstrap_grant(&tenancy, 1, admin, "national_admin", root_id, GrantScope::Subtree)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        platform.admin_token = token;
+        Ok(platform)
+    }
+
+    /// Invites a user (bootstrap path) and accepts the invitation through
+    /// the edge; returns the user id and an access token.
+    pub async fn user_with_password(&self, email: &str, entity: &str) -> anyhow::Result<(Uuid, String)> {
+        let identity = database_of(&self.services[&Service::Identity]).await?;
+        let (id, invitation) =
+            socle_identity::bootstrap::invite_user(&identity, email, email, Uuid::parse_str(entity)?)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let invitation = invitation.context("the user already exists")?;
+        let (status, reply) = self
+            .call(
+                None,
+                reqwest::Method::POST,
+                "/api/v1/auth:acceptInvitation",
+                None,
+                Some(json!({ "invitationToken": invitation, "password": TEST_PASSWORD })),
+            )
+            .await?;
+        anyhow::ensure!(status == 200, "accepting the invitation: {reply}");
+        Ok((id, reply["tokens"]["accessToken"].as_str().context("no access token")?.to_owned()))
+    }
+
+    /// Calls the edge with an optional token and acting entity.
+    pub async fn call(
+        &self,
+        token: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        entity: Option<&str>,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut request = self.http.request(method, format!("{}{path}", self.edge.url()));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(entity) = entity {
+            request = request.header("x-socle-entity", entity);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+}
