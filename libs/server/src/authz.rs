@@ -107,6 +107,8 @@ pub enum Principal {
         user_id: String,
         /// The entity the user acts for.
         entity_id: Option<String>,
+        /// The session of the calling token.
+        session_id: Option<String>,
     },
     /// Another service, by its service account.
     Service {

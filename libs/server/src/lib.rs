@@ -496,34 +496,45 @@ pub async fn authorizer_for(
     if auth.mode == AuthMode::Declared {
         return Ok(fallback);
     }
-    let required = |value: &Option<String>, key: &str| {
-        value.clone().ok_or_else(|| ServerError::Other(format!("auth.{key} is required when auth.mode = \"tokens\"")))
-    };
-    let identity = remote_auth::channel(&required(&auth.identity_url, "identity_url")?).map_err(ServerError::Other)?;
+    let clients = platform_clients(auth, secrets).await?.expect("tokens mode");
     let is_local = local.is_some();
     let access: Arc<dyn token_authz::AccessCheck> = match local {
         Some(local) => local,
-        None => {
-            let tenancy =
-                remote_auth::channel(&required(&auth.tenancy_url, "tenancy_url")?).map_err(ServerError::Other)?;
-            let secret = auth.client_secret.as_ref().ok_or_else(|| {
-                ServerError::Other("auth.client_secret is required when auth.mode = \"tokens\"".into())
-            })?;
-            let token = remote_auth::ServiceToken::new(
-                identity.clone(),
-                required(&auth.client_id, "client_id")?,
-                secrets.resolve(secret).await?,
-            );
-            Arc::new(remote_auth::RemoteAccessCheck::new(tenancy, Arc::new(token)))
-        }
+        None => Arc::new(remote_auth::RemoteAccessCheck::new(clients.tenancy.clone(), clients.token.clone())),
     };
     let authorizer = token_authz::TokenAuthorizer::new(
         auth.issuer.clone(),
         auth.audience.clone(),
-        Arc::new(remote_auth::GrpcKeySource::new(identity)),
+        Arc::new(remote_auth::GrpcKeySource::new(clients.identity.clone())),
         access,
     );
     Ok(Arc::new(if is_local { authorizer.without_cache() } else { authorizer }))
+}
+
+/// The channels and service token a service uses to call identity and
+/// tenancy in `tokens` mode; `None` in `declared` mode.
+pub async fn platform_clients(
+    auth: &AuthSettings,
+    secrets: &SecretResolver,
+) -> Result<Option<remote_auth::PlatformClients>, ServerError> {
+    if auth.mode == AuthMode::Declared {
+        return Ok(None);
+    }
+    let required = |value: &Option<String>, key: &str| {
+        value.clone().ok_or_else(|| ServerError::Other(format!("auth.{key} is required when auth.mode = \"tokens\"")))
+    };
+    let identity = remote_auth::channel(&required(&auth.identity_url, "identity_url")?).map_err(ServerError::Other)?;
+    let tenancy = remote_auth::channel(&required(&auth.tenancy_url, "tenancy_url")?).map_err(ServerError::Other)?;
+    let secret = auth
+        .client_secret
+        .as_ref()
+        .ok_or_else(|| ServerError::Other("auth.client_secret is required when auth.mode = \"tokens\"".into()))?;
+    let token = remote_auth::ServiceToken::new(
+        identity.clone(),
+        required(&auth.client_id, "client_id")?,
+        secrets.resolve(secret).await?,
+    );
+    Ok(Some(remote_auth::PlatformClients { identity, tenancy, token: Arc::new(token) }))
 }
 
 /// The future returned by a service's `migrate` function.

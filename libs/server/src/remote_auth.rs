@@ -33,6 +33,31 @@ pub fn channel(url: &str) -> Result<Channel, String> {
         .connect_lazy())
 }
 
+/// What a service needs to call identity and tenancy as itself.
+#[derive(Clone)]
+pub struct PlatformClients {
+    /// The identity service.
+    pub identity: Channel,
+    /// The tenancy service.
+    pub tenancy: Channel,
+    /// This service's access token.
+    pub token: Arc<ServiceToken>,
+}
+
+impl PlatformClients {
+    /// A request carrying this service's token.
+    pub async fn request<T>(&self, message: T) -> Result<tonic::Request<T>, Error> {
+        let token = self.token.get().await?;
+        let mut request = tonic::Request::new(message);
+        let bearer = format!("Bearer {}", token.expose_secret());
+        request.metadata_mut().insert(
+            "authorization",
+            bearer.parse().map_err(|_| Error::internal("the service token is not a valid header"))?,
+        );
+        Ok(request)
+    }
+}
+
 /// Identity's published keys.
 pub struct GrpcKeySource {
     identity: Channel,

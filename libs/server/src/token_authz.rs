@@ -120,7 +120,11 @@ impl TokenAuthorizer {
         let acting = headers.get("x-socle-entity").and_then(|v| v.to_str().ok()).map(str::to_owned);
         Ok(match claims.socle_kind.as_str() {
             "service_account" => Principal::Service { account_id: claims.sub },
-            _ => Principal::User { user_id: claims.sub, entity_id: acting },
+            _ => Principal::User {
+                user_id: claims.sub,
+                entity_id: acting,
+                session_id: Some(claims.sid).filter(|s| !s.is_empty()),
+            },
         })
     }
 

@@ -206,3 +206,27 @@ async fn tampered_and_foreign_tokens_are_refused_by_every_service() {
     // The genuine token works.
     assert_eq!(w.p.call(Some(&w.p.admin_token), Method::GET, &path, None, None).await.unwrap().0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn me_says_who_i_am_what_i_hold_and_where_i_act() {
+    let w = World::new().await;
+    let (staff, token) = w.user("claire@socle.test").await;
+    w.grant(staff, "staff", &w.branch_a, "GRANT_SCOPE_SUBTREE").await;
+    let (status, me) = w.p.call(Some(&token), Method::GET, "/api/v1/me", Some(&w.branch_a), None).await.unwrap();
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(me["principal"]["id"], staff.to_string());
+    assert_eq!(me["user"]["email"], "claire@socle.test");
+    assert_eq!(me["actingEntity"]["id"], w.branch_a);
+    assert!(!me["sessionId"].as_str().unwrap_or_default().is_empty());
+    let grants = me["grants"].as_array().unwrap();
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0]["roleName"], "staff");
+    let permissions: Vec<&str> = me["permissions"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    assert!(permissions.contains(&"crm.organizations.update"), "{permissions:?}");
+    assert!(!permissions.contains(&"tenancy.grants.manage"), "{permissions:?}");
+
+    // Acting for an entity where nothing is granted: no permission there.
+    let (_, elsewhere) = w.p.call(Some(&token), Method::GET, "/api/v1/me", Some(&w.branch_b), None).await.unwrap();
+    assert!(elsewhere["permissions"].as_array().is_none_or(|p| p.is_empty()), "{elsewhere}");
+    assert_eq!(w.p.call(None, Method::GET, "/api/v1/me", None, None).await.unwrap().0, 401);
+}

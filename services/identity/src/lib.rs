@@ -5,6 +5,7 @@
 //! `Login`, refresh-token rotation with reuse detection, `Logout` and the
 //! JWKS. The other RPCs answer `UNIMPLEMENTED` until they are built (issue 3).
 
+pub mod account;
 pub mod bootstrap;
 pub mod keys;
 pub mod passwords;
@@ -31,18 +32,16 @@ pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
     let keys = signing_keys(&ctx.config.auth, &ctx.secrets).await?;
     let database = socle_server::open_database(&ctx.config.database, &ctx.secrets, MIGRATIONS).await?;
     let authorizer = socle_server::authorizer_for(&ctx.config.auth, &ctx.secrets, ctx.authorizer.clone(), None).await?;
-    let identity = service::Identity::new(database.clone(), keys, ctx.config.auth.clone());
+    let platform = socle_server::platform_clients(&ctx.config.auth, &ctx.secrets).await?;
+    let identity = service::Identity::new(database.clone(), keys, ctx.config.auth.clone(), platform);
     let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
         .authorizer(authorizer)
         .readiness_database(database)
         .add_service(user_service_server::UserServiceServer::new(identity.clone()))
         .add_service(auth_service_server::AuthServiceServer::new(identity.clone()))
         .add_service(jwks_service_server::JwksServiceServer::new(identity.clone()))
-        .add_service(service_account_service_server::ServiceAccountServiceServer::new(identity));
-    let host = socle_server::unimplemented_services!(
-        host,
-        account_service_server::{AccountServiceServer, AccountService},
-    );
+        .add_service(service_account_service_server::ServiceAccountServiceServer::new(identity.clone()))
+        .add_service(account_service_server::AccountServiceServer::new(identity));
     host.serve(ctx.listener, ctx.shutdown).await
 }
 

@@ -35,13 +35,39 @@ pub struct Identity {
     hasher: Hasher,
     keys: Arc<KeySet>,
     settings: Arc<AuthSettings>,
+    platform: Option<socle_server::remote_auth::PlatformClients>,
 }
 
 impl Identity {
     /// The identity service state.
-    pub fn new(db: Database, keys: KeySet, settings: AuthSettings) -> Self {
+    pub fn new(
+        db: Database,
+        keys: KeySet,
+        settings: AuthSettings,
+        platform: Option<socle_server::remote_auth::PlatformClients>,
+    ) -> Self {
         let parallelism = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-        Identity { db, hasher: Hasher::new(parallelism), keys: Arc::new(keys), settings: Arc::new(settings) }
+        Identity { db, hasher: Hasher::new(parallelism), keys: Arc::new(keys), settings: Arc::new(settings), platform }
+    }
+
+    /// Clients of identity and tenancy, in `tokens` mode.
+    pub(crate) fn platform(&self) -> Option<&socle_server::remote_auth::PlatformClients> {
+        self.platform.as_ref()
+    }
+
+    /// A user, as the API shows it.
+    pub(crate) async fn user_by_id(&self, id: &str) -> Result<User, Error> {
+        let id = parse_id("user_id", id)?;
+        self.db
+            .transaction(&EntityScope::System, move |conn| {
+                Box::pin(async move {
+                    let row = user_where(conn, "id = $1", UserKey::Id(id))
+                        .await?
+                        .ok_or_else(|| Error::not_found("user", id))?;
+                    Ok(row.to_proto())
+                })
+            })
+            .await
     }
 
     /// The database.

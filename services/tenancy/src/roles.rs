@@ -109,8 +109,8 @@ const BUILT_IN: &[(&str, &str, &str, Rule)] = &[
     (
         "platform_service",
         "Service de la plateforme",
-        "Pour les comptes de service des services Socle : vérifier les droits, écrire l'audit.",
-        |p| p.name == "tenancy.access.read" || p.name == "audit.events.append",
+        "Pour les comptes de service des services Socle : lire l'arbre et les droits, écrire l'audit.",
+        |p| (p.service == "tenancy" && p.action == "read") || p.name == "audit.events.append",
     ),
 ];
 

@@ -1,0 +1,102 @@
+//! The caller's own account (`socle.identity.v1.AccountService`). `GetMe`
+//! answers "who am I, what do I hold, which entity do I act for", asking
+//! tenancy as identity's own service account.
+
+use socle_errors::{Code, Error};
+use socle_proto::socle::{
+    identity::v1::{account_service_server::AccountService, *},
+    tenancy::v1::{
+        ExplainAccessRequest, GetEntityRequest, ListGrantsRequest, access_service_client::AccessServiceClient,
+        entity_service_client::EntityServiceClient, grant_service_client::GrantServiceClient,
+    },
+    r#type::v1::{ActorKind, ActorRef},
+};
+use socle_server::{Principal, reply, request_id::owned as rid};
+use tonic::{Request, Response, Status};
+
+use crate::service::Identity;
+
+fn upstream(what: &str) -> impl Fn(tonic::Status) -> Error + '_ {
+    move |status| {
+        tracing::warn!(code = ?status.code(), what, "tenancy call failed");
+        Error::unavailable(format!("{what} is unavailable, retry later"))
+    }
+}
+
+#[tonic::async_trait]
+impl AccountService for Identity {
+    async fn get_me(&self, request: Request<GetMeRequest>) -> Result<Response<GetMeResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = request.extensions().get::<Principal>().cloned();
+        let result = async {
+            let (user_id, acting, session_id) = match principal {
+                Some(Principal::User { user_id, entity_id, session_id }) => (user_id, entity_id, session_id),
+                Some(Principal::Service { account_id }) => {
+                    return Ok(GetMeResponse {
+                        principal: Some(ActorRef {
+                            kind: ActorKind::ServiceAccount as i32,
+                            id: account_id,
+                            display_name: String::new(),
+                        }),
+                        ..Default::default()
+                    });
+                }
+                _ => return Err(Error::unauthenticated("sign in: GetMe needs an access token")),
+            };
+            let user = self.user_by_id(&user_id).await?;
+            let acting = acting
+                .filter(|e| !e.is_empty())
+                .or_else(|| Some(user.default_entity_id.clone()).filter(|e| !e.is_empty()))
+                .unwrap_or_else(|| user.entity_id.clone());
+            let principal =
+                ActorRef { kind: ActorKind::User as i32, id: user_id.clone(), display_name: user.display_name.clone() };
+            let mut me = GetMeResponse {
+                principal: Some(principal.clone()),
+                user: Some(user),
+                session_id: session_id.unwrap_or_default(),
+                ..Default::default()
+            };
+            let Some(platform) = self.platform() else {
+                return Ok(me);
+            };
+            let entity = EntityServiceClient::new(platform.tenancy.clone())
+                .get_entity(platform.request(GetEntityRequest { entity_id: acting.clone() }).await?)
+                .await;
+            match entity {
+                Ok(reply) => me.acting_entity = reply.into_inner().entity,
+                Err(status) if status.code() == tonic::Code::NotFound => {}
+                Err(status) => return Err(upstream("the entity tree")(status)),
+            }
+            let mut grants_request = platform
+                .request(ListGrantsRequest { principal_id: user_id, page_size: 500, ..Default::default() })
+                .await?;
+            grants_request.metadata_mut().insert(
+                "x-socle-entity",
+                acting.parse().map_err(|_| Error::new(Code::InvalidArgument, "invalid entity"))?,
+            );
+            me.grants = GrantServiceClient::new(platform.tenancy.clone())
+                .list_grants(grants_request)
+                .await
+                .map_err(upstream("the grants"))?
+                .into_inner()
+                .grants;
+            let explained = AccessServiceClient::new(platform.tenancy.clone())
+                .explain_access(
+                    platform
+                        .request(ExplainAccessRequest {
+                            principal: Some(principal),
+                            entity_id: acting,
+                            service: String::new(),
+                        })
+                        .await?,
+                )
+                .await
+                .map_err(upstream("access decisions"))?
+                .into_inner();
+            me.permissions = explained.permissions.into_iter().map(|p| p.permission).collect();
+            Ok(me)
+        }
+        .await;
+        reply(result, request_id)
+    }
+}
