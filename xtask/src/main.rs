@@ -48,7 +48,7 @@ enum Task {
 }
 
 /// The backend services: (crate, binary, database, gRPC port).
-const SERVICES: &[(&str, &str, u16)] = &[
+pub(crate) const SERVICES: &[(&str, &str, u16)] = &[
     ("identity", "socle_identity", 50051),
     ("tenancy", "socle_tenancy", 50052),
     ("crm", "socle_crm", 50053),
@@ -110,9 +110,19 @@ fn dev_secrets(path: &Path, admin_password: Option<&str>) -> anyhow::Result<toml
     };
     let mut changed = false;
     for (service, _, _) in SERVICES {
-        let key = format!("{}_db_password", service.replace('-', "_"));
+        for kind in ["db_password", "client_secret"] {
+            let key = format!("{}_{kind}", service.replace('-', "_"));
+            if !table.contains_key(&key) {
+                let secret = uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
+                table.insert(key, toml::Value::String(secret));
+                changed = true;
+            }
+        }
+    }
+    for (email, ..) in seed::DEMO_USERS {
+        let key = seed::password_key(email);
         if !table.contains_key(&key) {
-            table.insert(key, toml::Value::String(uuid::Uuid::new_v4().simple().to_string()));
+            table.insert(key, toml::Value::String(seed::generate_password()));
             changed = true;
         }
     }
@@ -202,7 +212,12 @@ async fn dev(edge_addr: &str, release: bool) -> anyhow::Result<()> {
              [secrets]\nfile = \"{secrets}\"\n\n\
              [telemetry]\nlog_format = \"pretty\"\n{auth}",
             app_url = with_user(&owner_url, &role),
-            auth = if *service == "identity" { "\n[auth]\nsigning_key = \"file:identity_signing_key\"\n" } else { "" },
+            auth = format!(
+                "\n[auth]\nmode = \"tokens\"\nidentity_url = \"http://127.0.0.1:50051\"\ntenancy_url = \"http://127.0.0.1:50052\"\n\
+                 client_id = \"sa-{service}\"\nclient_secret = \"file:{key_prefix}_client_secret\"\n{signing}",
+                key_prefix = service.replace('-', "_"),
+                signing = if *service == "identity" { "signing_key = \"file:identity_signing_key\"\n" } else { "" },
+            ),
             owner_password =
                 if admin_password.is_some() { "owner_password = \"file:pg_admin_password\"\n" } else { "" },
             secrets = secrets_path.display(),
@@ -233,11 +248,21 @@ async fn dev(edge_addr: &str, release: bool) -> anyhow::Result<()> {
 
     let base = format!("http://{edge_addr}");
     let mut ready = wait_ready(&base, &mut children).await;
+    let mut credentials = Vec::new();
     if ready.is_ok() {
-        let tenancy_url =
-            with_user(&with_database(&postgres::redact(&pg.admin_url), "socle_tenancy"), "socle_tenancy_app");
-        let password = secrets["tenancy_db_password"].as_str().expect("string password");
-        ready = seed::demo_tree(&base, &tenancy_url, password).await;
+        let database = |name: &str, service: &str| {
+            let url = with_user(&with_database(&postgres::redact(&pg.admin_url), name), &format!("{name}_app"));
+            let password =
+                secrets[&format!("{}_db_password", service.replace('-', "_"))].as_str().expect("password").to_owned();
+            (url, password)
+        };
+        let seeded =
+            seed::demo(&base, database("socle_tenancy", "tenancy"), database("socle_identity", "identity"), &secrets)
+                .await;
+        match seeded {
+            Ok(users) => credentials = users,
+            Err(e) => ready = Err(e),
+        }
     }
     match &ready {
         Ok(()) => {
@@ -252,6 +277,10 @@ async fn dev(edge_addr: &str, release: bool) -> anyhow::Result<()> {
             }
             println!("  PostgreSQL     {}", postgres::redact(&pg.admin_url));
             println!("  configuration  .local/dev/*.toml; secrets in dev-secrets.toml");
+            println!("\nDemo accounts (passwords generated once, kept in dev-secrets.toml):");
+            for (email, password, role) in &credentials {
+                println!("  {email:<28} {password:<24} {role}");
+            }
             println!("\nPress Ctrl-C to stop everything.");
             wait_for_stop(&mut children).await;
         }

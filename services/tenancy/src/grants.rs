@@ -310,7 +310,12 @@ impl GrantService for GrantApi {
                 ),
                 _ => return Err(Error::invalid_field("order_by", "must be one of: create_time desc, role_name, expire_time")),
             };
-            let entity_text = if r.entity_id.is_empty() { acting.unwrap_or_default() } else { r.entity_id.clone() };
+            // With a principal filter and no entity, every entity: "all my grants".
+            let entity_text = match (r.entity_id.is_empty(), r.principal_id.is_empty()) {
+                (false, _) => r.entity_id.clone(),
+                (true, true) => acting.unwrap_or_default(),
+                (true, false) => String::new(),
+            };
             let entity = parse_optional_id("entity_id", &entity_text)?;
             let principal = parse_optional_id("principal_id", &r.principal_id)?;
             let role = parse_optional_id("role_id", &r.role_id)?;
