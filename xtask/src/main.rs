@@ -39,6 +39,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmarks (release build): `auth`.
+    Bench {
+        /// Which benchmark.
+        name: String,
+    },
     /// cargo fmt --check, clippy -D warnings, buf lint and buf breaking.
     Lint {
         /// The git ref `buf breaking` compares against.
@@ -82,6 +87,7 @@ fn main() -> anyhow::Result<()> {
             Task::Dev { edge, release } => dev(&edge, release).await,
             Task::Test { args } => test(args).await,
             Task::Lint { against } => lint(against),
+            Task::Bench { name } => bench(&name).await,
         }
     })
 }
@@ -456,6 +462,17 @@ async fn test(args: Vec<String>) -> anyhow::Result<()> {
     let _ = postgres::drop_test_leftovers(&pg.admin_url).await;
     drop(pg);
     check(status, "tests")
+}
+
+async fn bench(name: &str) -> anyhow::Result<()> {
+    let pg = postgres::ensure(&root()).await?;
+    let status = cargo()
+        .args(["run", "--release", "--quiet", "-p", "socle-loadtests", "--", name])
+        .env("SOCLE_TEST_PG_URL", &pg.admin_url)
+        .status()?;
+    let _ = postgres::drop_test_leftovers(&pg.admin_url).await;
+    drop(pg);
+    check(status, "benchmark")
 }
 
 /// npm-installed `buf` under `.tools/`.
