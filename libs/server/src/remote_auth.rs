@@ -175,8 +175,14 @@ impl AccessCheck for RemoteAccessCheck {
                     let reply = reply.into_inner();
                     Ok(Decision { allowed: reply.allowed, policy_version: reply.policy_version })
                 }
-                // A malformed target (not a UUID) is a refusal, not an outage.
-                Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                // A malformed or unknown target (not a UUID, no such entity:
+                // tenancy refuses this service on it) is a refusal, not an outage.
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::NotFound
+                    ) =>
+                {
                     Ok(Decision { allowed: false, policy_version: 0 })
                 }
                 Err(status) => {

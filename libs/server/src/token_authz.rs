@@ -180,3 +180,28 @@ impl Authorizer for TokenAuthorizer {
         })
     }
 }
+
+/// The record-level check of RPCs that name a record by id: the layer
+/// checked the permission on the entity the caller acts for; the handler,
+/// once it has loaded the record, checks the same permission on the
+/// record's own entity. A refusal is `NOT_FOUND`, so that ids from other
+/// entities reveal nothing. Anonymous callers (the `declared` mode of tests
+/// and public RPCs) are not checked here.
+pub async fn check_record(
+    principal: Option<&Principal>,
+    access: &dyn AccessCheck,
+    permission: &str,
+    entity: &str,
+    what: &str,
+) -> Result<(), Error> {
+    match principal {
+        None | Some(Principal::Anonymous) => Ok(()),
+        Some(principal) => {
+            if access.check(principal, permission, entity).await?.allowed {
+                Ok(())
+            } else {
+                Err(Error::new(Code::NotFound, format!("{what} not found")))
+            }
+        }
+    }
+}

@@ -230,3 +230,57 @@ async fn me_says_who_i_am_what_i_hold_and_where_i_act() {
     assert!(elsewhere["permissions"].as_array().is_none_or(|p| p.is_empty()), "{elsewhere}");
     assert_eq!(w.p.call(None, Method::GET, "/api/v1/me", None, None).await.unwrap().0, 401);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_named_by_id_in_another_entity_are_not_found() {
+    let w = World::new().await;
+    let (staff_a, _) = w.user("staff.a@socle.test").await;
+    w.grant(staff_a, "staff", &w.branch_a, "GRANT_SCOPE_SUBTREE").await;
+    let (admin_b, admin_b_token) = w.user("admin.b@socle.test").await;
+    w.grant(admin_b, "entity_admin", &w.branch_b, "GRANT_SCOPE_SUBTREE").await;
+
+    // The grant on branch A, found by the national admin.
+    let (_, grants) =
+        w.p.call(Some(&w.p.admin_token), Method::GET, &format!("/api/v1/grants?entityId={}", w.branch_a), None, None)
+            .await
+            .unwrap();
+    let grant_a = grants["grants"][0]["id"].as_str().unwrap().to_owned();
+
+    // Branch B's admin, acting for B where it may manage grants, names it.
+    let b = Some(w.branch_b.as_str());
+    let path = format!("/api/v1/grants/{grant_a}");
+    assert_eq!(w.p.call(Some(&admin_b_token), Method::GET, &path, b, None).await.unwrap().0, 404);
+    assert_eq!(w.p.call(Some(&admin_b_token), Method::DELETE, &path, b, None).await.unwrap().0, 404);
+    let root = Some(w.p.root.as_str());
+    assert_eq!(w.p.call(Some(&w.p.admin_token), Method::GET, &path, root, None).await.unwrap().0, 200, "still there");
+
+    // Listing someone's grants across entities shows only what the caller may see.
+    let (status, listed) =
+        w.p.call(Some(&admin_b_token), Method::GET, &format!("/api/v1/grants?principalId={staff_a}"), b, None)
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{listed}");
+    assert!(listed["grants"].as_array().is_none_or(|g| g.is_empty()), "{listed}");
+
+    // Moving branch A requires managing the destination too.
+    let (_, a) =
+        w.p.call(Some(&w.p.admin_token), Method::GET, &format!("/api/v1/entities/{}", w.branch_a), None, None)
+            .await
+            .unwrap();
+    let (_, b_entity) =
+        w.p.call(Some(&w.p.admin_token), Method::GET, &format!("/api/v1/entities/{}", w.branch_b), None, None)
+            .await
+            .unwrap();
+    let moved =
+        w.p.call(
+            Some(&admin_b_token),
+            Method::POST,
+            &format!("/api/v1/entities/{}:move", w.branch_b),
+            None,
+            Some(json!({ "newParentId": w.p.root, "etag": b_entity["entity"]["etag"] })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved.0, 400, "B's admin may manage B, not the root: {}", moved.1);
+    assert!(a["entity"]["id"].is_string());
+}

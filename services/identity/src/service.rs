@@ -50,6 +50,21 @@ impl Identity {
         Identity { db, hasher: Hasher::new(parallelism), keys: Arc::new(keys), settings: Arc::new(settings), platform }
     }
 
+    /// Checks `permission` on a loaded record's entity for the caller
+    /// (`NOT_FOUND` when refused); nothing to check in `declared` mode.
+    pub(crate) async fn check_record(
+        &self,
+        principal: Option<&socle_server::Principal>,
+        permission: &str,
+        entity: &str,
+        what: &str,
+    ) -> Result<(), Error> {
+        let Some(platform) = &self.platform else { return Ok(()) };
+        let access =
+            socle_server::remote_auth::RemoteAccessCheck::new(platform.tenancy.clone(), platform.token.clone());
+        socle_server::token_authz::check_record(principal, &access, permission, entity, what).await
+    }
+
     /// Clients of identity and tenancy, in `tokens` mode.
     pub(crate) fn platform(&self) -> Option<&socle_server::remote_auth::PlatformClients> {
         self.platform.as_ref()
@@ -350,18 +365,22 @@ impl UserService for Identity {
 
     async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<GetUserResponse>, Status> {
         let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
         let result = async {
             let id = parse_id("user_id", &request.get_ref().user_id)?;
-            self.db
+            let user = self
+                .db
                 .transaction(&EntityScope::System, move |conn| {
                     Box::pin(async move {
                         let row = user_where(conn, "id = $1", UserKey::Id(id))
                             .await?
                             .ok_or_else(|| Error::not_found("user", id))?;
-                        Ok(GetUserResponse { user: Some(row.to_proto()) })
+                        Ok::<_, Error>(row.to_proto())
                     })
                 })
-                .await
+                .await?;
+            self.check_record(principal.as_ref(), "identity.users.read", &user.entity_id, "user").await?;
+            Ok(GetUserResponse { user: Some(user) })
         }
         .await;
         reply(result, request_id)

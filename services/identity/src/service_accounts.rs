@@ -107,6 +107,21 @@ async fn load(conn: &mut AsyncPgConnection, clause: &str, key: &str) -> Result<O
     }
 }
 
+impl Identity {
+    async fn account(&self, id: Uuid) -> Result<ServiceAccount, Error> {
+        self.db()
+            .transaction(&EntityScope::System, move |conn| {
+                Box::pin(async move {
+                    let row = load(conn, "id = $1", &id.to_string())
+                        .await?
+                        .ok_or_else(|| Error::not_found("service account", id))?;
+                    Ok(row.to_proto())
+                })
+            })
+            .await
+    }
+}
+
 #[tonic::async_trait]
 impl ServiceAccountService for Identity {
     async fn create_service_account(
@@ -184,18 +199,18 @@ impl ServiceAccountService for Identity {
         request: Request<GetServiceAccountRequest>,
     ) -> Result<Response<GetServiceAccountResponse>, Status> {
         let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
         let result = async {
             let id = parse_id("service_account_id", &request.get_ref().service_account_id)?;
-            self.db()
-                .transaction(&EntityScope::System, move |conn| {
-                    Box::pin(async move {
-                        let row = load(conn, "id = $1", &id.to_string())
-                            .await?
-                            .ok_or_else(|| Error::not_found("service account", id))?;
-                        Ok(GetServiceAccountResponse { service_account: Some(row.to_proto()) })
-                    })
-                })
-                .await
+            let account = self.account(id).await?;
+            self.check_record(
+                principal.as_ref(),
+                "identity.service_accounts.read",
+                &account.entity_id,
+                "service account",
+            )
+            .await?;
+            Ok(GetServiceAccountResponse { service_account: Some(account) })
         }
         .await;
         reply(result, request_id)
@@ -206,9 +221,13 @@ impl ServiceAccountService for Identity {
         request: Request<RotateServiceAccountSecretRequest>,
     ) -> Result<Response<RotateServiceAccountSecretResponse>, Status> {
         let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
         let r = request.into_inner();
         let result = async {
             let id = parse_id("service_account_id", &r.service_account_id)?;
+            let account = self.account(id).await?;
+            self.check_record(principal.as_ref(), "identity.service_accounts.manage", &account.entity_id, "service account")
+                .await?;
             let grace = match r.previous_secret_grace {
                 None => Duration::hours(1),
                 Some(d) if d.seconds >= 0 && d.seconds <= 7 * 24 * 3600 => Duration::seconds(d.seconds),

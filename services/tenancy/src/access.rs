@@ -92,6 +92,37 @@ fn is_read(permission: &str) -> bool {
     permission.ends_with(".read")
 }
 
+/// The entities where a principal holds `permission` (unexpired grants,
+/// active entities or read permissions on archived ones).
+pub(crate) async fn accessible(
+    conn: &mut AsyncPgConnection,
+    kind: i16,
+    who: Uuid,
+    permission: &str,
+) -> Result<Vec<Uuid>, DbError> {
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = SqlUuid)]
+        id: Uuid,
+    }
+    let ids: Vec<Id> = diesel::sql_query(
+        "SELECT DISTINCT c.descendant_id AS id
+           FROM grants g
+           JOIN roles r ON r.id = g.role_id
+           JOIN entity_closure c ON c.ancestor_id = g.entity_id AND (g.scope = 2 OR c.depth = 0)
+           JOIN entities e ON e.id = c.descendant_id
+          WHERE g.principal_kind = $1 AND g.principal_id = $2 AND $3 = ANY (r.permissions)
+            AND (g.expire_time IS NULL OR g.expire_time > now())
+            AND (e.state = 1 OR right($3, 5) = '.read')",
+    )
+    .bind::<SmallInt, _>(kind)
+    .bind::<SqlUuid, _>(who)
+    .bind::<Text, _>(permission)
+    .load(conn)
+    .await?;
+    Ok(ids.into_iter().map(|i| i.id).collect())
+}
+
 fn denied(reason: DenyReason, policy_version: i64) -> CheckAccessResponse {
     CheckAccessResponse { allowed: false, decided_by: None, deny_reason: reason as i32, policy_version }
 }
@@ -135,6 +166,7 @@ pub async fn decide(
 }
 
 /// Tenancy's authorization layer decides locally, with [`decide`].
+#[derive(Clone)]
 pub struct LocalAccessCheck {
     db: Database,
 }

@@ -297,12 +297,13 @@ pub async fn ensure_root(db: &Database, display_name: &str, code: &str, slug: &s
 #[derive(Clone)]
 pub struct EntityApi {
     db: Database,
+    access: crate::access::LocalAccessCheck,
 }
 
 impl EntityApi {
     /// An API over the tenancy database.
     pub fn new(db: Database) -> Self {
-        EntityApi { db }
+        EntityApi { access: crate::access::LocalAccessCheck::new(db.clone()), db }
     }
 
     async fn tx<R: Send + 'static>(
@@ -579,10 +580,22 @@ impl EntityService for EntityApi {
 
     async fn move_entity(&self, request: Request<MoveEntityRequest>) -> Result<Response<MoveEntityResponse>, Status> {
         let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
         let r = request.into_inner();
         let result = async {
             let id = parse_id("entity_id", &r.entity_id)?;
             let new_parent = parse_id("new_parent_id", &r.new_parent_id)?;
+            // The layer checked the moved entity; the destination needs the
+            // same permission (else a branch admin could move a branch away).
+            socle_server::token_authz::check_record(
+                principal.as_ref(),
+                &self.access,
+                "tenancy.entities.manage",
+                &new_parent.to_string(),
+                "new parent entity",
+            )
+            .await
+            .map_err(|_| Error::invalid_field("new_parent_id", "names no entity you may manage"))?;
             let etag_given = r.etag;
             self.tx(move |conn| {
                 Box::pin(async move {

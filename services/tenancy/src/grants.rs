@@ -17,6 +17,7 @@ use socle_proto::socle::{
     tenancy::v1::{grant_service_server::GrantService, *},
     r#type::v1::{ActorKind, ActorRef},
 };
+use socle_server::token_authz::check_record;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -168,12 +169,13 @@ pub async fn bootstrap_grant(
 #[derive(Clone)]
 pub struct GrantApi {
     db: Database,
+    access: crate::access::LocalAccessCheck,
 }
 
 impl GrantApi {
     /// An API over the tenancy database.
     pub fn new(db: Database) -> Self {
-        GrantApi { db }
+        GrantApi { access: crate::access::LocalAccessCheck::new(db.clone()), db }
     }
 }
 
@@ -281,13 +283,17 @@ impl GrantService for GrantApi {
 
     async fn get_grant(&self, request: Request<GetGrantRequest>) -> Result<Response<GetGrantResponse>, Status> {
         let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
         let result = async {
             let id = parse_id("grant_id", &request.get_ref().grant_id)?;
-            self.db
+            let grant = self
+                .db
                 .transaction(&EntityScope::System, |conn| {
-                    Box::pin(async move { Ok(require(conn, id).await?.to_proto()) })
+                    Box::pin(async move { Ok::<_, Error>(require(conn, id).await?.to_proto()) })
                 })
-                .await
+                .await?;
+            check_record(principal.as_ref(), &self.access, "tenancy.grants.read", &grant.entity_id, "grant").await?;
+            Ok(grant)
         }
         .await;
         reply(result.map(|grant| GetGrantResponse { grant: Some(grant) }), request_id)
@@ -295,6 +301,7 @@ impl GrantService for GrantApi {
 
     async fn list_grants(&self, request: Request<ListGrantsRequest>) -> Result<Response<ListGrantsResponse>, Status> {
         let request_id = rid(&request);
+        let caller = request.extensions().get::<socle_server::Principal>().cloned();
         let acting = acting_entity(&request);
         let r = request.into_inner();
         let result = async {
@@ -328,9 +335,23 @@ impl GrantService for GrantApi {
             );
             let after = PageToken::<String>::decode(&r.page_token, &filters)?.map(|t| t.after);
             let (descendants, inherited, expired) = (r.include_descendants, r.include_inherited, r.include_expired);
+            // Across every entity, a caller sees only the grants on entities
+            // where it may read grants (the layer checked its acting entity).
+            let visible_to = match (&entity, &caller) {
+                (None, Some(socle_server::Principal::User { user_id, .. })) => Some((1i16, user_id.clone())),
+                (None, Some(socle_server::Principal::Service { account_id })) => Some((2i16, account_id.clone())),
+                _ => None,
+            };
             self.db
                 .transaction(&EntityScope::System, move |conn| {
                     Box::pin(async move {
+                        let visible: Option<Vec<Uuid>> = match visible_to {
+                            None => None,
+                            Some((kind, who)) => {
+                                let who = Uuid::parse_str(&who).map_err(|_| Error::unauthenticated("invalid principal"))?;
+                                Some(crate::access::accessible(conn, kind, who, "tenancy.grants.read").await?)
+                            }
+                        };
                         let rows: Vec<GrantRow> = diesel::sql_query(format!(
                             "SELECT {COLUMNS} FROM (SELECT g.*, {order} AS sort_key FROM grants g JOIN roles r ON r.id = g.role_id) g
                                JOIN roles r ON r.id = g.role_id JOIN entities e ON e.id = g.entity_id
@@ -342,6 +363,7 @@ impl GrantService for GrantApi {
                                 AND ($5::uuid IS NULL OR g.role_id = $5)
                                 AND ($6 OR g.expire_time IS NULL OR g.expire_time > now())
                                 AND ($7::text IS NULL OR g.sort_key COLLATE \"C\" {cmp} $7)
+                                AND ($9::uuid[] IS NULL OR g.entity_id = ANY($9))
                               ORDER BY g.sort_key COLLATE \"C\" {dir} LIMIT $8",
                             cmp = if descending { "<" } else { ">" },
                             dir = if descending { "DESC" } else { "ASC" },
@@ -354,6 +376,7 @@ impl GrantService for GrantApi {
                         .bind::<Bool, _>(expired)
                         .bind::<Nullable<Text>, _>(after)
                         .bind::<diesel::sql_types::BigInt, _>(size as i64 + 1)
+                        .bind::<Nullable<diesel::sql_types::Array<SqlUuid>>, _>(visible)
                         .load(conn)
                         .await
                         .map_err(DbError::from)?;
@@ -391,10 +414,18 @@ impl GrantService for GrantApi {
         request: Request<DeleteGrantRequest>,
     ) -> Result<Response<DeleteGrantResponse>, Status> {
         let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
         let r = request.into_inner();
         let result = async {
             let id = parse_id("grant_id", &r.grant_id)?;
             let etag_given = r.etag;
+            let grant = self
+                .db
+                .transaction(&EntityScope::System, |conn| {
+                    Box::pin(async move { Ok::<_, Error>(require(conn, id).await?.to_proto()) })
+                })
+                .await?;
+            check_record(principal.as_ref(), &self.access, "tenancy.grants.manage", &grant.entity_id, "grant").await?;
             self.db
                 .transaction(&EntityScope::System, move |conn| {
                     Box::pin(async move {

@@ -250,12 +250,32 @@ fn conflict(error: DbError) -> Error {
 #[derive(Clone)]
 pub struct RoleApi {
     db: Database,
+    access: crate::access::LocalAccessCheck,
 }
 
 impl RoleApi {
     /// An API over the tenancy database.
     pub fn new(db: Database) -> Self {
-        RoleApi { db }
+        RoleApi { access: crate::access::LocalAccessCheck::new(db.clone()), db }
+    }
+
+    /// A custom role is visible only where the caller holds `permission` on
+    /// its entity; built-in roles belong to no entity.
+    async fn check_role(
+        &self,
+        principal: Option<&socle_server::Principal>,
+        id: Uuid,
+        permission: &str,
+    ) -> Result<RoleRow, Error> {
+        let row = self
+            .db
+            .transaction(&EntityScope::System, |conn| Box::pin(async move { require(conn, id, false).await }))
+            .await?;
+        if let Some(entity) = row.entity_id {
+            socle_server::token_authz::check_record(principal, &self.access, permission, &entity.to_string(), "role")
+                .await?;
+        }
+        Ok(row)
     }
 }
 
@@ -307,13 +327,10 @@ impl RoleService for RoleApi {
 
     async fn get_role(&self, request: Request<GetRoleRequest>) -> Result<Response<GetRoleResponse>, Status> {
         let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
         let result = async {
             let id = parse_id("role_id", &request.get_ref().role_id)?;
-            self.db
-                .transaction(&EntityScope::System, |conn| {
-                    Box::pin(async move { Ok(require(conn, id, false).await?.to_proto()) })
-                })
-                .await
+            Ok(self.check_role(principal.as_ref(), id, "tenancy.roles.read").await?.to_proto())
         }
         .await;
         reply(result.map(|role| GetRoleResponse { role: Some(role) }), request_id)
@@ -381,9 +398,11 @@ impl RoleService for RoleApi {
 
     async fn update_role(&self, request: Request<UpdateRoleRequest>) -> Result<Response<UpdateRoleResponse>, Status> {
         let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
         let r = request.into_inner();
         let result = async {
             let id = parse_id("role_id", &r.role_id)?;
+            self.check_role(principal.as_ref(), id, "tenancy.roles.manage").await?;
             let mask = FieldMask::new(r.update_mask.as_ref(), &["display_name", "description", "permissions"])?;
             let new = r.role.ok_or_else(|| Error::invalid_field("role", "is required"))?;
             validate(&new, Some(&mask))?;
@@ -433,9 +452,11 @@ impl RoleService for RoleApi {
 
     async fn delete_role(&self, request: Request<DeleteRoleRequest>) -> Result<Response<DeleteRoleResponse>, Status> {
         let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
         let r = request.into_inner();
         let result = async {
             let id = parse_id("role_id", &r.role_id)?;
+            self.check_role(principal.as_ref(), id, "tenancy.roles.manage").await?;
             let etag_given = r.etag;
             self.db
                 .transaction(&EntityScope::System, move |conn| {
