@@ -284,3 +284,71 @@ async fn records_named_by_id_in_another_entity_are_not_found() {
     assert_eq!(moved.0, 400, "B's admin may manage B, not the root: {}", moved.1);
     assert!(a["entity"]["id"].is_string());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn people_see_and_end_their_own_sessions_only() {
+    let w = World::new().await;
+    let (claire, first_token) = w.user("claire.sessions@socle.test").await;
+    let (_, other_token) = w.user("bruno.sessions@socle.test").await;
+    let p = &w.p;
+    let login = |email: &'static str| async move {
+        let (status, reply) = p
+            .call(
+                None,
+                Method::POST,
+                "/api/v1/auth:login",
+                None,
+                Some(json!({ "email": email, "password": socle_testkit::secure::TEST_PASSWORD })),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{reply}");
+        reply["tokens"].clone()
+    };
+    let second = login("claire.sessions@socle.test").await;
+    let second_token = second["accessToken"].as_str().unwrap().to_owned();
+
+    let (status, sessions) =
+        w.p.call(Some(&second_token), Method::GET, "/api/v1/me/sessions", None, None).await.unwrap();
+    assert_eq!(status, 200, "{sessions}");
+    let list = sessions["sessions"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{sessions}");
+    let current: Vec<&Value> = list.iter().filter(|s| s["current"] == true).collect();
+    assert_eq!(current.len(), 1);
+    assert_eq!(current[0]["id"], second["sessionId"]);
+    let first_session = list.iter().find(|s| s["current"] != true).unwrap()["id"].as_str().unwrap().to_owned();
+
+    // Another person cannot end it, even knowing its id.
+    let path = format!("/api/v1/me/sessions/{first_session}");
+    assert_eq!(w.p.call(Some(&other_token), Method::DELETE, &path, None, None).await.unwrap().0, 404);
+    // Its owner can.
+    assert_eq!(w.p.call(Some(&second_token), Method::DELETE, &path, None, None).await.unwrap().0, 200);
+    let (_, after) = w.p.call(Some(&second_token), Method::GET, "/api/v1/me/sessions", None, None).await.unwrap();
+    assert_eq!(after["sessions"].as_array().unwrap().len(), 1);
+
+    // Logging out with someone else's refresh token is refused.
+    let bruno = login("bruno.sessions@socle.test").await;
+    let (status, _) =
+        w.p.call(
+            Some(&second_token),
+            Method::POST,
+            "/api/v1/auth:logout",
+            None,
+            Some(json!({ "refreshToken": bruno["refreshToken"] })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+    // Without a refresh token, logout ends the calling session.
+    let (status, out) =
+        w.p.call(Some(&second_token), Method::POST, "/api/v1/auth:logout", None, Some(json!({}))).await.unwrap();
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["revokedSessionCount"], 1);
+    let (status, _) = w
+        .p
+        .call(None, Method::POST, "/api/v1/auth:refresh", None, Some(json!({ "refreshToken": second["refreshToken"] })))
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+    let _ = (claire, first_token);
+}

@@ -23,8 +23,52 @@ fn upstream(what: &str) -> impl Fn(tonic::Status) -> Error + '_ {
     }
 }
 
+/// The calling user and session, or `UNAUTHENTICATED`.
+fn caller(principal: Option<&Principal>) -> Result<(uuid::Uuid, Option<uuid::Uuid>), Error> {
+    match principal {
+        Some(Principal::User { user_id, session_id, .. }) => Ok((
+            socle_api::parse_id("user_id", user_id)?,
+            session_id.as_deref().and_then(|s| uuid::Uuid::parse_str(s).ok()),
+        )),
+        _ => Err(Error::unauthenticated("sign in: this call is about your own account")),
+    }
+}
+
 #[tonic::async_trait]
 impl AccountService for Identity {
+    async fn list_my_sessions(
+        &self,
+        request: Request<ListMySessionsRequest>,
+    ) -> Result<Response<ListMySessionsResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = request.extensions().get::<Principal>().cloned();
+        let r = request.into_inner();
+        let result = async {
+            let (user, current) = caller(principal.as_ref())?;
+            let (sessions, next_page_token) = self.sessions(user, current, r.page_size, &r.page_token).await?;
+            Ok(ListMySessionsResponse { sessions, next_page_token })
+        }
+        .await;
+        reply(result, request_id)
+    }
+
+    async fn revoke_my_session(
+        &self,
+        request: Request<RevokeMySessionRequest>,
+    ) -> Result<Response<RevokeMySessionResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = request.extensions().get::<Principal>().cloned();
+        let r = request.into_inner();
+        let result = async {
+            let (user, _) = caller(principal.as_ref())?;
+            let session = socle_api::parse_id("session_id", &r.session_id)?;
+            self.revoke_session(user, session, "revoked by its user").await?;
+            Ok(RevokeMySessionResponse {})
+        }
+        .await;
+        reply(result, request_id)
+    }
+
     async fn get_me(&self, request: Request<GetMeRequest>) -> Result<Response<GetMeResponse>, Status> {
         let request_id = rid(&request);
         let principal = request.extensions().get::<Principal>().cloned();

@@ -65,6 +65,99 @@ impl Identity {
         socle_server::token_authz::check_record(principal, &access, permission, entity, what).await
     }
 
+    /// The active sessions of `user`, newest first; `current` is flagged.
+    pub(crate) async fn sessions(
+        &self,
+        user: Uuid,
+        current: Option<Uuid>,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<(Vec<Session>, String), Error> {
+        let size = socle_api::page_size(page_size)?;
+        let filters = format!("user={user}");
+        let after = socle_api::PageToken::<String>::decode(page_token, &filters)?.map(|t| t.after);
+        self.db
+            .transaction(&EntityScope::System, move |conn| {
+                Box::pin(async move {
+                    #[derive(QueryableByName)]
+                    struct Row {
+                        #[diesel(sql_type = SqlUuid)]
+                        id: Uuid,
+                        #[diesel(sql_type = Timestamptz)]
+                        create_time: DateTime<Utc>,
+                        #[diesel(sql_type = Timestamptz)]
+                        last_refresh_time: DateTime<Utc>,
+                        #[diesel(sql_type = Timestamptz)]
+                        expire_time: DateTime<Utc>,
+                        #[diesel(sql_type = Text)]
+                        user_agent: String,
+                        #[diesel(sql_type = Text)]
+                        ip_address: String,
+                        #[diesel(sql_type = Text)]
+                        sort_key: String,
+                    }
+                    let rows: Vec<Row> = diesel::sql_query(
+                        "SELECT * FROM (SELECT id, create_time, last_refresh_time, expire_time, user_agent, ip_address,
+                                to_char(create_time AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISSUS') || id::text AS sort_key
+                           FROM sessions WHERE user_id = $1 AND revoke_time IS NULL AND expire_time > now()) s
+                          WHERE $2::text IS NULL OR sort_key < $2 ORDER BY sort_key DESC LIMIT $3",
+                    )
+                    .bind::<SqlUuid, _>(user)
+                    .bind::<Nullable<Text>, _>(after)
+                    .bind::<BigInt, _>(size as i64 + 1)
+                    .load(conn)
+                    .await
+                    .map_err(DbError::from)?;
+                    let more = rows.len() > size;
+                    let rows = &rows[..rows.len().min(size)];
+                    let next = match (more, rows.last()) {
+                        (true, Some(last)) => socle_api::PageToken::encode(last.sort_key.clone(), &filters),
+                        _ => String::new(),
+                    };
+                    let sessions = rows
+                        .iter()
+                        .map(|r| Session {
+                            id: r.id.to_string(),
+                            user_id: user.to_string(),
+                            create_time: Some(timestamp(r.create_time)),
+                            last_refresh_time: Some(timestamp(r.last_refresh_time)),
+                            expire_time: Some(timestamp(r.expire_time)),
+                            user_agent: r.user_agent.clone(),
+                            ip_address: r.ip_address.clone(),
+                            second_factor_used: false,
+                            current: current == Some(r.id),
+                        })
+                        .collect();
+                    Ok((sessions, next))
+                })
+            })
+            .await
+    }
+
+    /// Revokes a session of `user` (`NOT_FOUND` if it is not theirs).
+    pub(crate) async fn revoke_session(&self, user: Uuid, session: Uuid, reason: &'static str) -> Result<(), Error> {
+        self.db
+            .transaction(&EntityScope::System, move |conn| {
+                Box::pin(async move {
+                    let revoked = diesel::sql_query(
+                        "UPDATE sessions SET revoke_time = now(), revoke_reason = $3
+                          WHERE id = $1 AND user_id = $2 AND revoke_time IS NULL",
+                    )
+                    .bind::<SqlUuid, _>(session)
+                    .bind::<SqlUuid, _>(user)
+                    .bind::<Text, _>(reason)
+                    .execute(conn)
+                    .await
+                    .map_err(DbError::from)?;
+                    if revoked == 0 {
+                        return Err(Error::not_found("session", session));
+                    }
+                    Ok(())
+                })
+            })
+            .await
+    }
+
     /// Clients of identity and tenancy, in `tokens` mode.
     pub(crate) fn platform(&self) -> Option<&socle_server::remote_auth::PlatformClients> {
         self.platform.as_ref()
@@ -274,6 +367,42 @@ fn bad_credentials() -> Error {
 
 #[tonic::async_trait]
 impl UserService for Identity {
+    async fn list_user_sessions(
+        &self,
+        request: Request<ListUserSessionsRequest>,
+    ) -> Result<Response<ListUserSessionsResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let r = request.into_inner();
+        let result = async {
+            let user = self.user_by_id(&r.user_id).await?;
+            self.check_record(principal.as_ref(), "identity.users.manage", &user.entity_id, "user").await?;
+            let id = parse_id("user_id", &r.user_id)?;
+            let (sessions, next_page_token) = self.sessions(id, None, r.page_size, &r.page_token).await?;
+            Ok(ListUserSessionsResponse { sessions, next_page_token })
+        }
+        .await;
+        reply(result, request_id)
+    }
+
+    async fn revoke_user_session(
+        &self,
+        request: Request<RevokeUserSessionRequest>,
+    ) -> Result<Response<RevokeUserSessionResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let r = request.into_inner();
+        let result = async {
+            let user = self.user_by_id(&r.user_id).await?;
+            self.check_record(principal.as_ref(), "identity.users.manage", &user.entity_id, "user").await?;
+            let (id, session) = (parse_id("user_id", &r.user_id)?, parse_id("session_id", &r.session_id)?);
+            self.revoke_session(id, session, "revoked by an administrator").await?;
+            Ok(RevokeUserSessionResponse {})
+        }
+        .await;
+        reply(result, request_id)
+    }
+
     async fn create_user(&self, request: Request<CreateUserRequest>) -> Result<Response<CreateUserResponse>, Status> {
         let request_id = rid(&request);
         let r = request.into_inner();
@@ -556,25 +685,58 @@ impl AuthService for Identity {
 
     async fn logout(&self, request: Request<LogoutRequest>) -> Result<Response<LogoutResponse>, Status> {
         let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
         let r = request.into_inner();
         let result = async {
-            if r.refresh_token.is_empty() {
-                return Err(Error::invalid_field("refresh_token", "is required"));
+            // The caller ends its own sessions only: the session of the
+            // refresh token given (it must be the caller's), else the
+            // session of the calling token; with `all_sessions`, every one.
+            let (caller, current) = match &principal {
+                Some(socle_server::Principal::User { user_id, session_id, .. }) => {
+                    (Some(parse_id("user_id", user_id)?), session_id.as_deref().map(|s| parse_id("session_id", s)).transpose()?)
+                }
+                _ => (None, None),
+            };
+            if r.refresh_token.is_empty() && current.is_none() {
+                return Err(Error::invalid_field("refresh_token", "is required without a signed-in session"));
             }
-            let presented = hash_token(&r.refresh_token);
+            let presented = (!r.refresh_token.is_empty()).then(|| hash_token(&r.refresh_token));
             let all = r.all_sessions;
             self.db
                 .transaction(&EntityScope::System, move |conn| {
                     Box::pin(async move {
+                        #[derive(QueryableByName)]
+                        struct Owner {
+                            #[diesel(sql_type = SqlUuid)]
+                            session_id: Uuid,
+                            #[diesel(sql_type = SqlUuid)]
+                            user_id: Uuid,
+                        }
+                        let target: Option<Owner> = match (&presented, current, caller) {
+                            (Some(hash), _, _) => diesel::sql_query(
+                                "SELECT s.id AS session_id, s.user_id FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
+                                  WHERE t.token_hash = $1",
+                            )
+                            .bind::<Bytea, _>(hash)
+                            .get_result(conn)
+                            .await
+                            .map(Some)
+                            .or_else(|e| if e == DieselError::NotFound { Ok(None) } else { Err(e) })
+                            .map_err(DbError::from)?,
+                            (None, Some(session), Some(user)) => Some(Owner { session_id: session, user_id: user }),
+                            _ => None,
+                        };
+                        let Some(target) = target else { return Ok(LogoutResponse { revoked_session_count: 0 }) };
+                        if caller.is_some_and(|c| c != target.user_id) {
+                            return Err(Error::not_found("session", "of this refresh token"));
+                        }
                         let revoked = diesel::sql_query(
                             "UPDATE sessions SET revoke_time = now(), revoke_reason = 'logout'
-                              WHERE revoke_time IS NULL AND (
-                                    id = (SELECT session_id FROM refresh_tokens WHERE token_hash = $1)
-                                 OR ($2 AND user_id = (SELECT s.user_id FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
-                                                        WHERE t.token_hash = $1)))",
+                              WHERE revoke_time IS NULL AND (id = $1 OR ($2 AND user_id = $3))",
                         )
-                        .bind::<Bytea, _>(&presented)
+                        .bind::<SqlUuid, _>(target.session_id)
                         .bind::<diesel::sql_types::Bool, _>(all)
+                        .bind::<SqlUuid, _>(target.user_id)
                         .execute(conn)
                         .await
                         .map_err(DbError::from)?;
