@@ -36,6 +36,64 @@ fn caller(principal: Option<&Principal>) -> Result<(uuid::Uuid, Option<uuid::Uui
 
 #[tonic::async_trait]
 impl AccountService for Identity {
+    async fn enroll_totp(&self, request: Request<EnrollTotpRequest>) -> Result<Response<EnrollTotpResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = request.extensions().get::<Principal>().cloned();
+        let r = request.into_inner();
+        let result = async {
+            let (user, _) = caller(principal.as_ref())?;
+            let row = self.check_password(user, r.current_password).await?;
+            let (secret, expire) = Identity::enroll_totp(self, user).await?;
+            let secret = crate::totp::base32(&secret);
+            let label: String =
+                row.email.chars().filter(|c| c.is_ascii_alphanumeric() || "@.-_".contains(*c)).collect();
+            Ok(EnrollTotpResponse {
+                otpauth_uri: format!(
+                    "otpauth://totp/Socle:{label}?secret={secret}&issuer=Socle&algorithm=SHA1&digits=6&period=30"
+                ),
+                secret,
+                expire_time: Some(socle_api::timestamp(expire)),
+            })
+        }
+        .await;
+        reply(result, request_id)
+    }
+
+    async fn confirm_totp(
+        &self,
+        request: Request<ConfirmTotpRequest>,
+    ) -> Result<Response<ConfirmTotpResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = request.extensions().get::<Principal>().cloned();
+        let r = request.into_inner();
+        let result = async {
+            let (user, _) = caller(principal.as_ref())?;
+            Ok(ConfirmTotpResponse { recovery_codes: Identity::confirm_totp(self, user, &r.code).await? })
+        }
+        .await;
+        reply(result, request_id)
+    }
+
+    async fn disable_totp(
+        &self,
+        request: Request<DisableTotpRequest>,
+    ) -> Result<Response<DisableTotpResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = request.extensions().get::<Principal>().cloned();
+        let r = request.into_inner();
+        let result = async {
+            let (user, _) = caller(principal.as_ref())?;
+            self.check_password(user, r.current_password).await?;
+            if !self.second_factor(user, &r.code).await? {
+                return Err(Error::invalid_field("code", "is not a valid code or recovery code"));
+            }
+            Identity::disable_totp(self, user).await?;
+            Ok(DisableTotpResponse {})
+        }
+        .await;
+        reply(result, request_id)
+    }
+
     async fn list_my_sessions(
         &self,
         request: Request<ListMySessionsRequest>,

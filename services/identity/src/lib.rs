@@ -9,10 +9,12 @@ pub mod account;
 pub mod bootstrap;
 pub mod keys;
 pub mod passwords;
+pub mod second_factor;
 pub mod service;
 pub mod service_accounts;
 pub mod throttle;
 pub mod tokens;
+pub mod totp;
 
 use socle_db::{EmbeddedMigrations, embed_migrations};
 use socle_proto::socle::identity::v1::*;

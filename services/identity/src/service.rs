@@ -158,6 +158,23 @@ impl Identity {
             .await
     }
 
+    /// The user and whether `password` is theirs (for self-service changes).
+    pub(crate) async fn check_password(&self, user: Uuid, password: String) -> Result<UserRow, Error> {
+        let row = self
+            .db
+            .transaction(&EntityScope::System, move |conn| {
+                Box::pin(async move {
+                    user_where(conn, "id = $1", UserKey::Id(user)).await?.ok_or_else(|| Error::not_found("user", user))
+                })
+            })
+            .await?;
+        if self.hasher.verify(row.password_hash.clone(), password).await? {
+            Ok(row)
+        } else {
+            Err(Error::invalid_field("current_password", "is not your password"))
+        }
+    }
+
     /// Clients of identity and tenancy, in `tokens` mode.
     pub(crate) fn platform(&self) -> Option<&socle_server::remote_auth::PlatformClients> {
         self.platform.as_ref()
@@ -209,13 +226,13 @@ fn valid_email(email: &str) -> bool {
 }
 
 #[derive(Debug, Clone, QueryableByName)]
-struct UserRow {
+pub(crate) struct UserRow {
     #[diesel(sql_type = SqlUuid)]
-    id: Uuid,
+    pub(crate) id: Uuid,
     #[diesel(sql_type = SqlUuid)]
     entity_id: Uuid,
     #[diesel(sql_type = Text)]
-    email: String,
+    pub(crate) email: String,
     #[diesel(sql_type = Text)]
     given_name: String,
     #[diesel(sql_type = Text)]
@@ -229,7 +246,7 @@ struct UserRow {
     #[diesel(sql_type = SmallInt)]
     state: i16,
     #[diesel(sql_type = Nullable<Text>)]
-    password_hash: Option<String>,
+    pub(crate) password_hash: Option<String>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
     password_update_time: Option<DateTime<Utc>>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
@@ -242,10 +259,13 @@ struct UserRow {
     update_time: DateTime<Utc>,
     #[diesel(sql_type = BigInt)]
     version: i64,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    pub(crate) totp_secret: Option<Vec<u8>>,
 }
 
 const SELECT_USER: &str = "SELECT id, entity_id, email, given_name, family_name, display_name, locale, default_entity_id,
-        state, password_hash, password_update_time, last_login_time, invitation_expire_time, create_time, update_time, version
+        state, password_hash, password_update_time, last_login_time, invitation_expire_time, create_time, update_time, version,
+        totp_secret
    FROM users";
 
 impl UserRow {
@@ -260,7 +280,7 @@ impl UserRow {
             locale: self.locale.clone(),
             default_entity_id: self.default_entity_id.map(|e| e.to_string()).unwrap_or_default(),
             state: i32::from(self.state),
-            totp_enabled: false,
+            totp_enabled: self.totp_secret.is_some(),
             last_login_time: self.last_login_time.map(timestamp),
             password_update_time: self.password_update_time.map(timestamp),
             lock_expire_time: None,
@@ -272,7 +292,11 @@ impl UserRow {
     }
 }
 
-async fn user_where(conn: &mut AsyncPgConnection, clause: &str, bind: UserKey) -> Result<Option<UserRow>, DbError> {
+pub(crate) async fn user_where(
+    conn: &mut AsyncPgConnection,
+    clause: &str,
+    bind: UserKey,
+) -> Result<Option<UserRow>, DbError> {
     let query = diesel::sql_query(format!("{SELECT_USER} WHERE {clause} FOR UPDATE"));
     let result = match bind {
         UserKey::Id(id) => query.bind::<SqlUuid, _>(id).get_result(conn).await,
@@ -286,14 +310,14 @@ async fn user_where(conn: &mut AsyncPgConnection, clause: &str, bind: UserKey) -
     }
 }
 
-enum UserKey {
+pub(crate) enum UserKey {
     Id(Uuid),
     Email(String),
     Invitation(Vec<u8>),
 }
 
 /// Opens a session and returns its token pair.
-async fn open_session(
+pub(crate) async fn open_session(
     conn: &mut AsyncPgConnection,
     identity: &Identity,
     user: Uuid,
@@ -361,7 +385,7 @@ fn client_of<T>(request: &Request<T>) -> (String, String) {
 
 /// Wrong e-mail, wrong password, disabled or invited account: one answer,
 /// so that the reply reveals nothing about which it was.
-fn bad_credentials() -> Error {
+pub(crate) fn bad_credentials() -> Error {
     Error::unauthenticated("invalid e-mail or password")
 }
 
@@ -529,6 +553,10 @@ impl AuthService for Identity {
         let (user_agent, ip) = client_of(&request);
         let r = request.into_inner();
         let result = async {
+            // Second step of a sign-in with a second factor.
+            if !r.challenge_token.is_empty() {
+                return self.login_with_challenge(&r.challenge_token, &r.totp_code).await;
+            }
             let mut v = Violations::new();
             v.check(!r.email.trim().is_empty(), "email", "is required");
             v.check(!r.password.is_empty(), "password", "is required");
@@ -577,6 +605,29 @@ impl AuthService for Identity {
                     return Err(bad_credentials());
                 }
             };
+            if user.totp_secret.is_some() {
+                if r.totp_code.trim().is_empty() {
+                    let (challenge, expire) = self.open_challenge(user.id, &user_agent, &ip).await?;
+                    return Ok(LoginResponse {
+                        status: LoginStatus::SecondFactorRequired as i32,
+                        tokens: None,
+                        challenge_token: challenge,
+                        challenge_expire_time: Some(timestamp(expire)),
+                    });
+                }
+                if !self.second_factor(user.id, &r.totp_code).await? {
+                    let failure_keys = keys.clone();
+                    self.db
+                        .transaction(&EntityScope::System, move |conn| {
+                            Box::pin(
+                                async move { Ok::<_, Error>(throttle::record_failure(conn, &failure_keys).await?) },
+                            )
+                        })
+                        .await?;
+                    tracing::info!(outcome = "denied", "login failed: second factor");
+                    return Err(bad_credentials());
+                }
+            }
             let identity = self.clone();
             let tokens = self
                 .db
