@@ -352,3 +352,91 @@ async fn people_see_and_end_their_own_sessions_only() {
     assert_eq!(status, 401);
     let _ = (claire, first_token);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn administrators_disable_enable_unlock_and_reinvite_accounts_of_their_entities() {
+    let w = World::new().await;
+    let (staff, _) = w.user("claire.admin@socle.test").await;
+    w.grant(staff, "staff", &w.branch_a, "GRANT_SCOPE_SUBTREE").await;
+    let (admin_b, admin_b_token) = w.user("admin.b2@socle.test").await;
+    w.grant(admin_b, "entity_admin", &w.branch_b, "GRANT_SCOPE_SUBTREE").await;
+    let p = &w.p;
+    let root = Some(p.root.as_str());
+    let password = socle_testkit::secure::TEST_PASSWORD;
+    let login = |pw: &'static str| async move {
+        p.call(
+            None,
+            Method::POST,
+            "/api/v1/auth:login",
+            None,
+            Some(json!({ "email": "claire.admin@socle.test", "password": pw })),
+        )
+        .await
+        .unwrap()
+    };
+
+    // Another branch's administrator cannot touch the account.
+    let disable = format!("/api/v1/users/{staff}:disable");
+    let b = Some(w.branch_b.as_str());
+    assert_eq!(p.call(Some(&admin_b_token), Method::POST, &disable, b, Some(json!({}))).await.unwrap().0, 404);
+
+    let (status, disabled) = p.call(Some(&p.admin_token), Method::POST, &disable, root, Some(json!({}))).await.unwrap();
+    assert_eq!(status, 200, "{disabled}");
+    assert_eq!(disabled["user"]["state"], "USER_STATE_DISABLED");
+    assert_eq!(login(password).await.0, 401, "a disabled account cannot sign in");
+    let activate = format!("/api/v1/users/{staff}:activate");
+    assert_eq!(p.call(Some(&p.admin_token), Method::POST, &activate, root, Some(json!({}))).await.unwrap().0, 200);
+    assert_eq!(login(password).await.0, 200);
+
+    // Five failures lock the account from this address; an administrator lifts it.
+    for _ in 0..5 {
+        assert_eq!(login("not the right password").await.0, 401);
+    }
+    assert_eq!(login(password).await.0, 429);
+    let unlock = format!("/api/v1/users/{staff}:unlock");
+    assert_eq!(p.call(Some(&p.admin_token), Method::POST, &unlock, root, Some(json!({}))).await.unwrap().0, 200);
+    assert_eq!(login(password).await.0, 200);
+
+    // A new invitation replaces the previous link.
+    let (status, invited) = p
+        .call(
+            Some(&p.admin_token),
+            Method::POST,
+            "/api/v1/users",
+            None,
+            Some(json!({ "requestId": uuid::Uuid::new_v4().to_string(),
+                         "user": { "email": "new.person@socle.test", "entityId": w.branch_a, "displayName": "Nouvelle" },
+                         "invitationDelivery": "INVITATION_DELIVERY_RETURN_LINK" })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{invited}");
+    let first_link = invited["invitationUrl"].as_str().unwrap().split("#token=").nth(1).unwrap().to_owned();
+    let resend = format!("/api/v1/users/{}:resendInvitation", invited["user"]["id"].as_str().unwrap());
+    let (status, resent) = p
+        .call(
+            Some(&p.admin_token),
+            Method::POST,
+            &resend,
+            root,
+            Some(json!({ "invitationDelivery": "INVITATION_DELIVERY_RETURN_LINK" })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{resent}");
+    let second_link = resent["invitationUrl"].as_str().unwrap().split("#token=").nth(1).unwrap().to_owned();
+    let accept = |token: String| async move {
+        p.call(
+            None,
+            Method::POST,
+            "/api/v1/auth:acceptInvitation",
+            None,
+            Some(json!({ "invitationToken": token, "password": password })),
+        )
+        .await
+        .unwrap()
+        .0
+    };
+    assert_eq!(accept(first_link).await, 401, "the previous link stopped working");
+    assert_eq!(accept(second_link).await, 200);
+}

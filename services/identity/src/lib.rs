@@ -6,6 +6,7 @@
 //! JWKS. The other RPCs answer `UNIMPLEMENTED` until they are built (issue 3).
 
 pub mod account;
+pub mod administration;
 pub mod bootstrap;
 pub mod keys;
 pub mod passwords;

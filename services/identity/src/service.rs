@@ -391,6 +391,50 @@ pub(crate) fn bad_credentials() -> Error {
 
 #[tonic::async_trait]
 impl UserService for Identity {
+    async fn disable_user(
+        &self,
+        request: Request<DisableUserRequest>,
+    ) -> Result<Response<DisableUserResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let r = request.into_inner();
+        let result = Identity::disable_user(self, principal.as_ref(), &r.user_id, &r.etag).await;
+        reply(result.map(|user| DisableUserResponse { user: Some(user) }), request_id)
+    }
+
+    async fn activate_user(
+        &self,
+        request: Request<ActivateUserRequest>,
+    ) -> Result<Response<ActivateUserResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let r = request.into_inner();
+        let result = Identity::activate_user(self, principal.as_ref(), &r.user_id, &r.etag).await;
+        reply(result.map(|user| ActivateUserResponse { user: Some(user) }), request_id)
+    }
+
+    async fn unlock_user(&self, request: Request<UnlockUserRequest>) -> Result<Response<UnlockUserResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let r = request.into_inner();
+        let result = Identity::unlock_user(self, principal.as_ref(), &r.user_id).await;
+        reply(result.map(|user| UnlockUserResponse { user: Some(user) }), request_id)
+    }
+
+    async fn resend_invitation(
+        &self,
+        request: Request<ResendInvitationRequest>,
+    ) -> Result<Response<ResendInvitationResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let r = request.into_inner();
+        let result = Identity::resend_invitation(self, principal.as_ref(), &r.user_id, r.invitation_delivery).await;
+        reply(
+            result.map(|(user, invitation_url)| ResendInvitationResponse { user: Some(user), invitation_url }),
+            request_id,
+        )
+    }
+
     async fn list_user_sessions(
         &self,
         request: Request<ListUserSessionsRequest>,

@@ -1,0 +1,153 @@
+//! Account administration: disable and re-enable, lift a lockout, reissue
+//! an invitation. Each call is checked by the layer on the acting entity and
+//! here on the account's home entity (`identity.users.manage`).
+
+use chrono::{Duration, Utc};
+use diesel::sql_types::{Bytea, SmallInt, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::RunQueryDsl;
+use socle_api::{check_etag, parse_id};
+use socle_db::{DbError, EntityScope};
+use socle_errors::{Code, Error};
+use socle_proto::socle::identity::v1::{InvitationDelivery, User, UserState};
+use socle_server::Principal;
+use uuid::Uuid;
+
+use crate::{
+    service::{Identity, normalize_email},
+    tokens::{hash_token, new_refresh_token},
+};
+
+impl Identity {
+    /// Loads an account the caller may manage.
+    async fn managed(&self, principal: Option<&Principal>, user_id: &str) -> Result<(Uuid, User), Error> {
+        let id = parse_id("user_id", user_id)?;
+        let user = self.user_by_id(user_id).await?;
+        self.check_record(principal, "identity.users.manage", &user.entity_id, "user").await?;
+        Ok((id, user))
+    }
+
+    /// `DisableUser`: no more sign-in, every session ends at once.
+    pub(crate) async fn disable_user(
+        &self,
+        principal: Option<&Principal>,
+        user_id: &str,
+        etag: &str,
+    ) -> Result<User, Error> {
+        let (id, user) = self.managed(principal, user_id).await?;
+        let version = etag_version(&user.etag);
+        check_etag(etag, version, false)?;
+        self.set_state(id, UserState::Disabled, "account disabled").await?;
+        self.user_by_id(user_id).await
+    }
+
+    /// `ActivateUser`: re-enables a disabled account.
+    pub(crate) async fn activate_user(
+        &self,
+        principal: Option<&Principal>,
+        user_id: &str,
+        etag: &str,
+    ) -> Result<User, Error> {
+        let (id, user) = self.managed(principal, user_id).await?;
+        check_etag(etag, etag_version(&user.etag), false)?;
+        if user.state != UserState::Disabled as i32 {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                "only a disabled account can be re-enabled (an invited one is activated by accepting its invitation)",
+            ));
+        }
+        self.set_state(id, UserState::Active, "").await?;
+        self.user_by_id(user_id).await
+    }
+
+    async fn set_state(&self, id: Uuid, state: UserState, revoke_reason: &'static str) -> Result<(), Error> {
+        self.db()
+            .transaction(&EntityScope::System, move |conn| {
+                Box::pin(async move {
+                    diesel::sql_query("UPDATE users SET state = $2, version = version + 1, update_time = now() WHERE id = $1")
+                        .bind::<SqlUuid, _>(id)
+                        .bind::<SmallInt, _>(state as i16)
+                        .execute(conn)
+                        .await
+                        .map_err(DbError::from)?;
+                    if state == UserState::Disabled {
+                        diesel::sql_query(
+                            "UPDATE sessions SET revoke_time = now(), revoke_reason = $2 WHERE user_id = $1 AND revoke_time IS NULL",
+                        )
+                        .bind::<SqlUuid, _>(id)
+                        .bind::<Text, _>(revoke_reason)
+                        .execute(conn)
+                        .await
+                        .map_err(DbError::from)?;
+                    }
+                    Ok::<_, Error>(())
+                })
+            })
+            .await
+    }
+
+    /// `UnlockUser`: lifts the account's sign-in locks (every address).
+    pub(crate) async fn unlock_user(&self, principal: Option<&Principal>, user_id: &str) -> Result<User, Error> {
+        let (_, user) = self.managed(principal, user_id).await?;
+        let email = normalize_email(&user.email);
+        self.db()
+            .transaction(&EntityScope::System, move |conn| {
+                Box::pin(async move {
+                    diesel::sql_query("DELETE FROM login_throttle WHERE key = $1 OR starts_with(key, $2)")
+                        .bind::<Text, _>(format!("account:{email}"))
+                        .bind::<Text, _>(format!("pair:{email}|"))
+                        .execute(conn)
+                        .await
+                        .map_err(DbError::from)?;
+                    Ok::<_, Error>(())
+                })
+            })
+            .await?;
+        self.user_by_id(user_id).await
+    }
+
+    /// `ResendInvitation`: a new link; the previous one stops working.
+    pub(crate) async fn resend_invitation(
+        &self,
+        principal: Option<&Principal>,
+        user_id: &str,
+        delivery: i32,
+    ) -> Result<(User, String), Error> {
+        let (id, user) = self.managed(principal, user_id).await?;
+        if user.state != UserState::Invited as i32 {
+            return Err(Error::new(Code::FailedPrecondition, "only an invited account has an invitation"));
+        }
+        if InvitationDelivery::try_from(delivery) != Ok(InvitationDelivery::ReturnLink) {
+            return Err(Error::new(
+                Code::Unimplemented,
+                "e-mail delivery of invitations is not available yet: use INVITATION_DELIVERY_RETURN_LINK",
+            ));
+        }
+        let token = new_refresh_token();
+        let (hash, expire) =
+            (hash_token(&token), Utc::now() + Duration::seconds(self.settings().invitation_ttl_secs as i64));
+        self.db()
+            .transaction(&EntityScope::System, move |conn| {
+                Box::pin(async move {
+                    diesel::sql_query(
+                        "UPDATE users SET invitation_hash = $2, invitation_expire_time = $3, version = version + 1, update_time = now()
+                          WHERE id = $1 AND state = 1",
+                    )
+                    .bind::<SqlUuid, _>(id)
+                    .bind::<Bytea, _>(&hash)
+                    .bind::<Timestamptz, _>(expire)
+                    .execute(conn)
+                    .await
+                    .map_err(DbError::from)?;
+                    Ok::<_, Error>(())
+                })
+            })
+            .await?;
+        let console = self.settings().console_url.trim_end_matches('/').to_owned();
+        Ok((self.user_by_id(user_id).await?, format!("{console}/invitation#token={token}")))
+    }
+}
+
+/// The version an etag stands for (`"3"` → 3).
+fn etag_version(etag: &str) -> i64 {
+    etag.trim_matches('"').parse().unwrap_or(0)
+}
