@@ -86,3 +86,36 @@ async fn a_second_factor_is_enrolled_confirmed_and_then_required() {
     let (_, me) = p.call(t, Method::GET, "/api/v1/me", Some(&p.root), None).await.unwrap();
     assert_eq!(me["user"]["totpEnabled"], true);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_codes_count_toward_the_sign_in_locks_across_challenges() {
+    let p = SecurePlatform::start().await.unwrap();
+    let (_, token) = p.user_with_password("guessed@socle.test", &p.root).await.unwrap();
+    let t = Some(token.as_str());
+    let (_, enrolled) = p
+        .call(t, Method::POST, "/api/v1/me/totp:enroll", None, Some(json!({ "currentPassword": TEST_PASSWORD })))
+        .await
+        .unwrap();
+    let secret = base32_decode(enrolled["secret"].as_str().unwrap());
+    let (status, _) = p
+        .call(t, Method::POST, "/api/v1/me/totp:confirm", None, Some(json!({ "code": code_at(&secret, 0) })))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    // Someone who knows the password guesses codes, one fresh challenge each time.
+    let password = json!({ "email": "guessed@socle.test", "password": TEST_PASSWORD });
+    let mut last = 0;
+    for _ in 0..6 {
+        let (status, opened) = login(&p, password.clone()).await;
+        if status != 200 {
+            last = status;
+            break;
+        }
+        last = login(&p, json!({ "challengeToken": opened["challengeToken"], "totpCode": "000000" })).await.0;
+        if last == 429 {
+            break;
+        }
+    }
+    assert_eq!(last, 429, "the guesses lock the account from this address");
+}

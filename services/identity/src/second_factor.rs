@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::{
     service::{Identity, bad_credentials, open_session},
+    throttle,
     tokens::{hash_token, new_refresh_token},
     totp,
 };
@@ -148,7 +149,28 @@ impl Identity {
         if code.trim().is_empty() {
             return Err(Error::invalid_field("totp_code", "is required with a challenge token"));
         }
+        // Codes count toward the same locks as passwords: opening challenge
+        // after challenge must not give unlimited guesses.
+        let email = crate::service::normalize_email(&self.user_by_id(&challenge.user_id.to_string()).await?.email);
+        let keys = std::sync::Arc::new(throttle::Keys::new(&email, &challenge.ip_address));
+        let check_keys = keys.clone();
+        let locked = self
+            .db()
+            .transaction(&EntityScope::System, move |conn| {
+                Box::pin(async move { Ok::<_, Error>(throttle::locked_for(conn, &check_keys).await?) })
+            })
+            .await?;
+        if let Some(wait) = locked {
+            return Err(Error::new(Code::ResourceExhausted, "too many failed sign-in attempts: retry later")
+                .with_retry_after(wait.max(std::time::Duration::from_secs(1))));
+        }
         if !self.second_factor(challenge.user_id, code).await? {
+            let failure_keys = keys.clone();
+            self.db()
+                .transaction(&EntityScope::System, move |conn| {
+                    Box::pin(async move { Ok::<_, Error>(throttle::record_failure(conn, &failure_keys).await?) })
+                })
+                .await?;
             tracing::info!(outcome = "denied", attempt = challenge.attempts, "login failed: second factor");
             return Err(bad_credentials());
         }
@@ -165,6 +187,7 @@ impl Identity {
                     if spent == 0 {
                         return Err(Error::unauthenticated("the sign-in challenge was already used"));
                     }
+                    throttle::record_success(conn, &keys).await?;
                     diesel::sql_query("UPDATE users SET last_login_time = now() WHERE id = $1")
                         .bind::<SqlUuid, _>(challenge.user_id)
                         .execute(conn)
