@@ -537,6 +537,26 @@ pub async fn platform_clients(
     Ok(Some(remote_auth::PlatformClients { identity, tenancy, token: Arc::new(token) }))
 }
 
+/// Runs an operator command of a service binary (`<binary> <command>
+/// args…`) with the service's configuration: bootstraps that must happen
+/// before anyone can call the API.
+pub fn run_command<F, Fut>(name: &'static str, port: u16, command: F) -> anyhow::Result<()>
+where
+    F: FnOnce(ServiceConfig, SecretResolver, Vec<String>) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let mut defaults = ServiceConfig::default();
+        defaults.server.listen = SocketAddr::from(([127, 0, 0, 1], port));
+        let (config, secrets) = socle_config::load_with_defaults(defaults, &Sources::from_process())
+            .await
+            .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        command(config, secrets, args).await
+    })
+}
+
 /// The future returned by a service's `migrate` function.
 pub type MigrateFuture = std::pin::Pin<Box<dyn Future<Output = Result<Vec<String>, ServerError>> + Send>>;
 

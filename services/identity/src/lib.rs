@@ -8,6 +8,7 @@
 pub mod account;
 pub mod administration;
 pub mod bootstrap;
+pub mod cli;
 pub mod keys;
 pub mod passwords;
 pub mod second_factor;

@@ -1,8 +1,7 @@
 fn main() -> anyhow::Result<()> {
-    socle_server::run_main(
-        socle_identity::NAME,
-        socle_identity::DEFAULT_PORT,
-        socle_identity::run,
-        socle_identity::migrate,
-    )
+    use socle_identity::{DEFAULT_PORT, NAME};
+    match std::env::args().nth(1).as_deref() {
+        Some("bootstrap-admin") => socle_server::run_command(NAME, DEFAULT_PORT, socle_identity::cli::bootstrap_admin),
+        _ => socle_server::run_main(NAME, DEFAULT_PORT, socle_identity::run, socle_identity::migrate),
+    }
 }

@@ -6,6 +6,7 @@
 //! decided them ([`access`]).
 
 pub mod access;
+pub mod cli;
 mod common;
 pub mod entities;
 pub mod grants;

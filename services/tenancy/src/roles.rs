@@ -114,6 +114,11 @@ const BUILT_IN: &[(&str, &str, &str, Rule)] = &[
     ),
 ];
 
+/// Whether `name` is a built-in role.
+pub fn catalogue_role_exists(name: &str) -> bool {
+    BUILT_IN.iter().any(|(n, ..)| *n == name)
+}
+
 /// Writes the built-in roles from the current catalogue (idempotent).
 pub async fn ensure_built_in(db: &Database) -> Result<(), Error> {
     let catalogue = catalogue();
