@@ -537,6 +537,11 @@ pub async fn platform_clients(
     Ok(Some(remote_auth::PlatformClients { identity, tenancy, token: Arc::new(token) }))
 }
 
+/// The principal the authorization layer attached to a call, if any.
+pub fn principal_of<T>(request: &tonic::Request<T>) -> Option<Principal> {
+    request.extensions().get::<Principal>().cloned()
+}
+
 /// Runs an operator command of a service binary (`<binary> <command>
 /// args…`) with the service's configuration: bootstraps that must happen
 /// before anyone can call the API.

@@ -38,7 +38,7 @@ fn caller(principal: Option<&Principal>) -> Result<(uuid::Uuid, Option<uuid::Uui
 impl AccountService for Identity {
     async fn enroll_totp(&self, request: Request<EnrollTotpRequest>) -> Result<Response<EnrollTotpResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = async {
             let (user, _) = caller(principal.as_ref())?;
@@ -64,7 +64,7 @@ impl AccountService for Identity {
         request: Request<ConfirmTotpRequest>,
     ) -> Result<Response<ConfirmTotpResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = async {
             let (user, _) = caller(principal.as_ref())?;
@@ -79,7 +79,7 @@ impl AccountService for Identity {
         request: Request<DisableTotpRequest>,
     ) -> Result<Response<DisableTotpResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = async {
             let (user, _) = caller(principal.as_ref())?;
@@ -99,7 +99,7 @@ impl AccountService for Identity {
         request: Request<ListMySessionsRequest>,
     ) -> Result<Response<ListMySessionsResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = async {
             let (user, current) = caller(principal.as_ref())?;
@@ -115,7 +115,7 @@ impl AccountService for Identity {
         request: Request<RevokeMySessionRequest>,
     ) -> Result<Response<RevokeMySessionResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = async {
             let (user, _) = caller(principal.as_ref())?;
@@ -129,7 +129,7 @@ impl AccountService for Identity {
 
     async fn get_me(&self, request: Request<GetMeRequest>) -> Result<Response<GetMeResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let result = async {
             let (user_id, acting, session_id) = match principal {
                 Some(Principal::User { user_id, entity_id, session_id }) => (user_id, entity_id, session_id),

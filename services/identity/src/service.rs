@@ -396,7 +396,7 @@ impl UserService for Identity {
         request: Request<DisableUserRequest>,
     ) -> Result<Response<DisableUserResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = Identity::disable_user(self, principal.as_ref(), &r.user_id, &r.etag).await;
         reply(result.map(|user| DisableUserResponse { user: Some(user) }), request_id)
@@ -407,7 +407,7 @@ impl UserService for Identity {
         request: Request<ActivateUserRequest>,
     ) -> Result<Response<ActivateUserResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = Identity::activate_user(self, principal.as_ref(), &r.user_id, &r.etag).await;
         reply(result.map(|user| ActivateUserResponse { user: Some(user) }), request_id)
@@ -415,7 +415,7 @@ impl UserService for Identity {
 
     async fn unlock_user(&self, request: Request<UnlockUserRequest>) -> Result<Response<UnlockUserResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = Identity::unlock_user(self, principal.as_ref(), &r.user_id).await;
         reply(result.map(|user| UnlockUserResponse { user: Some(user) }), request_id)
@@ -426,7 +426,7 @@ impl UserService for Identity {
         request: Request<ResendInvitationRequest>,
     ) -> Result<Response<ResendInvitationResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = Identity::resend_invitation(self, principal.as_ref(), &r.user_id, r.invitation_delivery).await;
         reply(
@@ -440,7 +440,7 @@ impl UserService for Identity {
         request: Request<ListUserSessionsRequest>,
     ) -> Result<Response<ListUserSessionsResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = async {
             let user = self.user_by_id(&r.user_id).await?;
@@ -458,7 +458,7 @@ impl UserService for Identity {
         request: Request<RevokeUserSessionRequest>,
     ) -> Result<Response<RevokeUserSessionResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = async {
             let user = self.user_by_id(&r.user_id).await?;
@@ -562,7 +562,7 @@ impl UserService for Identity {
 
     async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<GetUserResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let result = async {
             let id = parse_id("user_id", &request.get_ref().user_id)?;
             let user = self
@@ -780,7 +780,7 @@ impl AuthService for Identity {
 
     async fn logout(&self, request: Request<LogoutRequest>) -> Result<Response<LogoutResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = async {
             // The caller ends its own sessions only: the session of the

@@ -199,7 +199,7 @@ impl ServiceAccountService for Identity {
         request: Request<GetServiceAccountRequest>,
     ) -> Result<Response<GetServiceAccountResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let result = async {
             let id = parse_id("service_account_id", &request.get_ref().service_account_id)?;
             let account = self.account(id).await?;
@@ -221,7 +221,7 @@ impl ServiceAccountService for Identity {
         request: Request<RotateServiceAccountSecretRequest>,
     ) -> Result<Response<RotateServiceAccountSecretResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = async {
             let id = parse_id("service_account_id", &r.service_account_id)?;

@@ -92,13 +92,17 @@ fn is_read(permission: &str) -> bool {
     permission.ends_with(".read")
 }
 
-/// The entities where a principal holds `permission` (unexpired grants,
-/// active entities or read permissions on archived ones).
+/// The entities where a principal holds `permission` through an unexpired
+/// grant: active ones, plus archived ones for read permissions when
+/// `include_archived`; within `root`'s subtree when given. The one query
+/// behind `ListAccessibleEntities` and the grant-list filter.
 pub(crate) async fn accessible(
     conn: &mut AsyncPgConnection,
     kind: i16,
     who: Uuid,
     permission: &str,
+    include_archived: bool,
+    root: Option<Uuid>,
 ) -> Result<Vec<Uuid>, DbError> {
     #[derive(QueryableByName)]
     struct Id {
@@ -111,13 +115,19 @@ pub(crate) async fn accessible(
            JOIN roles r ON r.id = g.role_id
            JOIN entity_closure c ON c.ancestor_id = g.entity_id AND (g.scope = 2 OR c.depth = 0)
            JOIN entities e ON e.id = c.descendant_id
-          WHERE g.principal_kind = $1 AND g.principal_id = $2 AND $3 = ANY (r.permissions)
+          WHERE g.principal_kind = $1 AND g.principal_id = $2
+            AND $3 = ANY (r.permissions)
             AND (g.expire_time IS NULL OR g.expire_time > now())
-            AND (e.state = 1 OR right($3, 5) = '.read')",
+            AND (e.state = 1 OR ($4 AND right($3, 5) = '.read'))
+            AND ($5::uuid IS NULL OR c.descendant_id IN
+                 (SELECT descendant_id FROM entity_closure WHERE ancestor_id = $5))
+          ORDER BY 1",
     )
     .bind::<SmallInt, _>(kind)
     .bind::<SqlUuid, _>(who)
     .bind::<Text, _>(permission)
+    .bind::<Bool, _>(include_archived)
+    .bind::<Nullable<SqlUuid>, _>(root)
     .load(conn)
     .await?;
     Ok(ids.into_iter().map(|i| i.id).collect())
@@ -252,35 +262,9 @@ impl AccessService for AccessApi {
             self.db
                 .transaction(&EntityScope::System, move |conn| {
                     Box::pin(async move {
-                        #[derive(QueryableByName)]
-                        struct Id {
-                            #[diesel(sql_type = SqlUuid)]
-                            id: Uuid,
-                        }
-                        let ids: Vec<Id> = diesel::sql_query(
-                            "SELECT DISTINCT c.descendant_id AS id
-                               FROM grants g
-                               JOIN roles r ON r.id = g.role_id
-                               JOIN entity_closure c ON c.ancestor_id = g.entity_id AND (g.scope = 2 OR c.depth = 0)
-                               JOIN entities e ON e.id = c.descendant_id
-                              WHERE g.principal_kind = $1 AND g.principal_id = $2
-                                AND $3 = ANY (r.permissions)
-                                AND (g.expire_time IS NULL OR g.expire_time > now())
-                                AND (e.state = 1 OR ($4 AND right($3, 5) = '.read'))
-                                AND ($5::uuid IS NULL OR c.descendant_id IN
-                                     (SELECT descendant_id FROM entity_closure WHERE ancestor_id = $5))
-                              ORDER BY 1",
-                        )
-                        .bind::<SmallInt, _>(kind)
-                        .bind::<SqlUuid, _>(who)
-                        .bind::<Text, _>(&permission)
-                        .bind::<Bool, _>(include_archived)
-                        .bind::<Nullable<SqlUuid>, _>(root)
-                        .load(conn)
-                        .await
-                        .map_err(DbError::from)?;
+                        let ids = accessible(conn, kind, who, &permission, include_archived, root).await?;
                         Ok(ListAccessibleEntitiesResponse {
-                            entity_ids: ids.into_iter().map(|i| i.id.to_string()).collect(),
+                            entity_ids: ids.iter().map(Uuid::to_string).collect(),
                             policy_version: policy_version(conn).await?,
                         })
                     })

@@ -580,7 +580,7 @@ impl EntityService for EntityApi {
 
     async fn move_entity(&self, request: Request<MoveEntityRequest>) -> Result<Response<MoveEntityResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = async {
             let id = parse_id("entity_id", &r.entity_id)?;

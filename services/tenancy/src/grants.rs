@@ -283,7 +283,7 @@ impl GrantService for GrantApi {
 
     async fn get_grant(&self, request: Request<GetGrantRequest>) -> Result<Response<GetGrantResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let result = async {
             let id = parse_id("grant_id", &request.get_ref().grant_id)?;
             let grant = self
@@ -301,7 +301,7 @@ impl GrantService for GrantApi {
 
     async fn list_grants(&self, request: Request<ListGrantsRequest>) -> Result<Response<ListGrantsResponse>, Status> {
         let request_id = rid(&request);
-        let caller = request.extensions().get::<socle_server::Principal>().cloned();
+        let caller = socle_server::principal_of(&request);
         let acting = acting_entity(&request);
         let r = request.into_inner();
         let result = async {
@@ -349,7 +349,7 @@ impl GrantService for GrantApi {
                             None => None,
                             Some((kind, who)) => {
                                 let who = Uuid::parse_str(&who).map_err(|_| Error::unauthenticated("invalid principal"))?;
-                                Some(crate::access::accessible(conn, kind, who, "tenancy.grants.read").await?)
+                                Some(crate::access::accessible(conn, kind, who, "tenancy.grants.read", true, None).await?)
                             }
                         };
                         let rows: Vec<GrantRow> = diesel::sql_query(format!(
@@ -414,7 +414,7 @@ impl GrantService for GrantApi {
         request: Request<DeleteGrantRequest>,
     ) -> Result<Response<DeleteGrantResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = async {
             let id = parse_id("grant_id", &r.grant_id)?;

@@ -332,7 +332,7 @@ impl RoleService for RoleApi {
 
     async fn get_role(&self, request: Request<GetRoleRequest>) -> Result<Response<GetRoleResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let result = async {
             let id = parse_id("role_id", &request.get_ref().role_id)?;
             Ok(self.check_role(principal.as_ref(), id, "tenancy.roles.read").await?.to_proto())
@@ -403,7 +403,7 @@ impl RoleService for RoleApi {
 
     async fn update_role(&self, request: Request<UpdateRoleRequest>) -> Result<Response<UpdateRoleResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = async {
             let id = parse_id("role_id", &r.role_id)?;
@@ -457,7 +457,7 @@ impl RoleService for RoleApi {
 
     async fn delete_role(&self, request: Request<DeleteRoleRequest>) -> Result<Response<DeleteRoleResponse>, Status> {
         let request_id = rid(&request);
-        let principal = request.extensions().get::<socle_server::Principal>().cloned();
+        let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
         let result = async {
             let id = parse_id("role_id", &r.role_id)?;
