@@ -69,9 +69,9 @@ pub async fn demo(
         )
         .await
         .map_err(fail)?;
-        socle_tenancy::bootstrap_grant(&tenancy, 2, account, "platform_service", root_id, GrantScope::Subtree)
-            .await
-            .map_err(fail)?;
+        // Identity also removes the grants of the accounts it deletes.
+        let role = if *service == "identity" { "identity_service" } else { "platform_service" };
+        socle_tenancy::bootstrap_grant(&tenancy, 2, account, role, root_id, GrantScope::Subtree).await.map_err(fail)?;
     }
 
     let http = reqwest::Client::new();

@@ -2,8 +2,9 @@
 //! every service verifies access tokens with identity's JWKS and asks
 //! tenancy for decisions with its own service account. Bootstrapped like a
 //! real deployment: the national root, one service account per service
-//! (granted `platform_service`), and a first national administrator who
-//! accepts an invitation — no default password anywhere.
+//! (granted `platform_service`; identity's `identity_service`, which also
+//! deletes grants), and a first national administrator who accepts an
+//! invitation — no default password anywhere.
 
 use std::collections::BTreeMap;
 
@@ -88,7 +89,9 @@ impl SecurePlatform {
             )
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-            socle_tenancy::bootstrap_grant(&tenancy, 2, account, "platform_service", root_id, GrantScope::Subtree)
+            // Identity also removes the grants of the accounts it deletes.
+            let role = if *service == Service::Identity { "identity_service" } else { "platform_service" };
+            socle_tenancy::bootstrap_grant(&tenancy, 2, account, role, root_id, GrantScope::Subtree)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }

@@ -445,4 +445,71 @@ impl GrantService for GrantApi {
         .await;
         reply(result.map(|()| DeleteGrantResponse {}), request_id)
     }
+
+    async fn delete_principal_grants(
+        &self,
+        request: Request<DeletePrincipalGrantsRequest>,
+    ) -> Result<Response<DeletePrincipalGrantsResponse>, Status> {
+        let request_id = rid(&request);
+        let caller = socle_server::principal_of(&request);
+        let r = request.into_inner();
+        let result = async {
+            let (kind, who) = principal("principal", r.principal.as_ref())?;
+            // The layer checked the permission on the acting entity; every
+            // grant removed must also lie where the caller holds it (archived
+            // entities included: a grant there is still the person's).
+            let purger = match &caller {
+                Some(socle_server::Principal::User { user_id, .. }) => Some((1i16, user_id.clone())),
+                Some(socle_server::Principal::Service { account_id }) => Some((2i16, account_id.clone())),
+                _ => None,
+            };
+            let purger = purger
+                .map(|(k, id)| Uuid::parse_str(&id).map(|id| (k, id)))
+                .transpose()
+                .map_err(|_| Error::unauthenticated("invalid principal"))?;
+            self.db
+                .transaction(&EntityScope::System, move |conn| {
+                    Box::pin(async move {
+                        if let Some((purger_kind, purger_id)) = purger {
+                            let outside: crate::common::Count = diesel::sql_query(
+                                "SELECT count(*) AS n FROM grants t
+                                  WHERE t.principal_kind = $1 AND t.principal_id = $2
+                                    AND NOT EXISTS (
+                                        SELECT 1 FROM grants g JOIN roles r ON r.id = g.role_id
+                                          JOIN entity_closure c ON c.ancestor_id = g.entity_id AND (g.scope = 2 OR c.depth = 0)
+                                         WHERE g.principal_kind = $3 AND g.principal_id = $4
+                                           AND 'tenancy.principals.purge' = ANY (r.permissions)
+                                           AND (g.expire_time IS NULL OR g.expire_time > now())
+                                           AND c.descendant_id = t.entity_id)",
+                            )
+                            .bind::<SmallInt, _>(kind)
+                            .bind::<SqlUuid, _>(who)
+                            .bind::<SmallInt, _>(purger_kind)
+                            .bind::<SqlUuid, _>(purger_id)
+                            .get_result(conn)
+                            .await
+                            .map_err(DbError::from)?;
+                            if outside.n > 0 {
+                                return Err(Error::permission_denied(
+                                    "the principal holds grants on entities where you lack `tenancy.principals.purge`: nothing was deleted",
+                                ));
+                            }
+                        }
+                        let deleted = diesel::sql_query("DELETE FROM grants WHERE principal_kind = $1 AND principal_id = $2")
+                            .bind::<SmallInt, _>(kind)
+                            .bind::<SqlUuid, _>(who)
+                            .execute(conn)
+                            .await
+                            .map_err(DbError::from)?;
+                        if deleted > 0 {
+                            bump_policy(conn).await?;
+                        }
+                        Ok(DeletePrincipalGrantsResponse { deleted_grant_count: deleted as i32 })
+                    })
+                })
+                .await
+        }
+        .await;
+        reply(result, request_id)
+    }
 }

@@ -28,7 +28,7 @@ use crate::{
 };
 
 /// Permissions that only service accounts may hold.
-const SERVICE_ACCOUNT_ONLY: &[&str] = &["audit.events.append"];
+const SERVICE_ACCOUNT_ONLY: &[&str] = &["audit.events.append", "tenancy.principals.purge"];
 
 /// Every permission declared by the contracts, sorted.
 pub fn catalogue() -> Vec<Permission> {
@@ -61,6 +61,7 @@ pub fn catalogue() -> Vec<Permission> {
                 "verify" => "Vérifier",
                 "append" => "Ajouter (service)",
                 "ask" => "Interroger",
+                "purge" => "Purger (service)",
                 other => other,
             };
             Permission {
@@ -110,9 +111,21 @@ const BUILT_IN: &[(&str, &str, &str, Rule)] = &[
         "platform_service",
         "Service de la plateforme",
         "Pour les comptes de service des services Socle : lire l'arbre et les droits, écrire l'audit.",
-        |p| (p.service == "tenancy" && p.action == "read") || p.name == "audit.events.append",
+        platform_service,
+    ),
+    (
+        "identity_service",
+        "Service d'identité",
+        "Pour le compte de service d'identity : celui des services Socle, plus la suppression de tous les droits \
+         d'un compte supprimé.",
+        |p| platform_service(p) || p.name == "tenancy.principals.purge",
     ),
 ];
+
+/// What every platform service account holds: tenancy reads and audit appends.
+fn platform_service(p: &Permission) -> bool {
+    (p.service == "tenancy" && p.action == "read") || p.name == "audit.events.append"
+}
 
 /// Whether `name` is a built-in role.
 pub fn catalogue_role_exists(name: &str) -> bool {

@@ -286,3 +286,45 @@ async fn a_granted_role_cannot_be_deleted_and_built_in_roles_never() {
     let delete = f.http.delete(format!("{}/api/v1/roles/{staff}", f.edge.url())).send().await.unwrap();
     assert_eq!(delete.status(), 400, "built-in");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_grant_of_a_deleted_principal_goes_at_once_and_decisions_follow() {
+    let f = fixture().await;
+    const BOB: &str = "0a1b2c3d-0000-4000-8000-0000000000b0";
+    assert_eq!(f.grant(user(ALICE), "staff", &f.region, "GRANT_SCOPE_SUBTREE").await.0, 200);
+    assert_eq!(f.grant(user(ALICE), "viewer", &f.lille, "GRANT_SCOPE_ENTITY_ONLY").await.0, 200);
+    assert_eq!(f.grant(user(BOB), "staff", &f.lyon, "GRANT_SCOPE_ENTITY_ONLY").await.0, 200);
+    let before = f.check(ALICE, "crm.organizations.update", &f.lyon).await;
+    assert_eq!(before["allowed"], true);
+
+    let (status, purged) = f.post("/api/v1/grants:deletePrincipalGrants", json!({ "principal": user(ALICE) })).await;
+    assert_eq!(status, 200, "{purged}");
+    assert_eq!(purged["deletedGrantCount"], 2);
+    let after = f.check(ALICE, "crm.organizations.update", &f.lyon).await;
+    assert!(!after["allowed"].as_bool().unwrap_or(false), "{after}");
+    assert!(
+        after["policyVersion"].as_str().unwrap().parse::<i64>().unwrap()
+            > before["policyVersion"].as_str().unwrap().parse::<i64>().unwrap(),
+        "cached decisions are dropped"
+    );
+    let (_, left) = f.get(&format!("/api/v1/grants?principalId={ALICE}")).await;
+    assert!(left["grants"].as_array().is_none_or(|g| g.is_empty()), "{left}");
+    let (_, bob) = f.get(&format!("/api/v1/grants?principalId={BOB}")).await;
+    assert_eq!(bob["grants"].as_array().unwrap().len(), 1, "other principals keep theirs");
+
+    // A retry deletes nothing more and succeeds.
+    let (status, again) = f.post("/api/v1/grants:deletePrincipalGrants", json!({ "principal": user(ALICE) })).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["deletedGrantCount"].as_i64().unwrap_or(0), 0);
+
+    // The permission is reserved to service accounts: no role a person may hold has it.
+    let (_, roles) = f.get("/api/v1/roles?pageSize=500").await;
+    let holders: Vec<&str> = roles["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["permissions"].as_array().unwrap().contains(&json!("tenancy.principals.purge")))
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(holders, ["identity_service"]);
+}
