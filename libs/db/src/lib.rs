@@ -26,6 +26,7 @@ use socle_errors::{Code, Error};
 use uuid::Uuid;
 
 pub mod admin;
+pub mod cluster;
 pub mod idempotency;
 
 pub use diesel_async::AsyncPgConnection as Connection;
@@ -61,6 +62,18 @@ CREATE TABLE IF NOT EXISTS socle_idempotency (
   create_time timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (method, request_id)
 );
+-- The transactional outbox (ADR 0006): audit events written in the same
+-- transaction as the change they describe, delivered by the relay
+-- (`socle-outbox`) and deleted once the audit service has stored them.
+CREATE TABLE IF NOT EXISTS socle_outbox (
+  id uuid PRIMARY KEY,
+  payload bytea NOT NULL,
+  create_time timestamptz NOT NULL DEFAULT clock_timestamp(),
+  attempts integer NOT NULL DEFAULT 0,
+  next_attempt_time timestamptz NOT NULL DEFAULT clock_timestamp(),
+  last_error text
+);
+CREATE INDEX IF NOT EXISTS socle_outbox_due ON socle_outbox (next_attempt_time, create_time);
 "#;
 
 /// `[database]` settings.
@@ -275,6 +288,7 @@ impl From<DbError> for Error {
 #[derive(Clone)]
 pub struct Database {
     pool: bb8::Pool<AsyncPgConnection>,
+    url: std::sync::Arc<SecretString>,
 }
 
 impl std::fmt::Debug for Database {
@@ -295,9 +309,16 @@ impl Database {
             .build(manager)
             .await
             .map_err(|e| DbError::Pool(e.to_string()))?;
-        let db = Database { pool };
+        let db = Database { pool, url: std::sync::Arc::new(url.clone()) };
         db.ping().await?;
         Ok(db)
+    }
+
+    /// A connection outside the pool, for long-lived sessions such as
+    /// `LISTEN` (a pooled connection would be held forever).
+    pub async fn dedicated_connection(&self) -> Result<AsyncPgConnection, DbError> {
+        use socle_config::ExposeSecret;
+        Ok(AsyncPgConnection::establish(self.url.expose_secret()).await?)
     }
 
     /// Checks that a connection can run a query (readiness).

@@ -89,6 +89,30 @@ impl Code {
             Code::Internal => tonic::Code::Internal,
         }
     }
+
+    /// The code of a gRPC status received from another service (codes with
+    /// no counterpart here are `Internal`, `Cancelled` is `Unavailable`).
+    pub fn from_grpc(code: tonic::Code) -> Self {
+        match code {
+            tonic::Code::InvalidArgument | tonic::Code::OutOfRange => Code::InvalidArgument,
+            tonic::Code::NotFound => Code::NotFound,
+            tonic::Code::AlreadyExists => Code::AlreadyExists,
+            tonic::Code::FailedPrecondition => Code::FailedPrecondition,
+            tonic::Code::Aborted => Code::Aborted,
+            tonic::Code::PermissionDenied => Code::PermissionDenied,
+            tonic::Code::Unauthenticated => Code::Unauthenticated,
+            tonic::Code::ResourceExhausted => Code::ResourceExhausted,
+            tonic::Code::Unavailable | tonic::Code::Cancelled => Code::Unavailable,
+            tonic::Code::DeadlineExceeded => Code::DeadlineExceeded,
+            tonic::Code::Unimplemented => Code::Unimplemented,
+            _ => Code::Internal,
+        }
+    }
+
+    /// The gRPC name of the code, e.g. `PERMISSION_DENIED`.
+    pub fn name(self) -> &'static str {
+        code_name(self.grpc())
+    }
 }
 
 /// A field-level validation failure. `field` is a proto field path in

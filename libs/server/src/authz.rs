@@ -21,7 +21,7 @@ use prost_reflect::ReflectMessage;
 use socle_errors::{Error, reason};
 use socle_proto::options::{AccessRule, access_rule};
 
-use crate::request_id::RequestId;
+use crate::{audit, request_id::RequestId};
 
 /// The largest request the authorization layer reads to find the target
 /// entity (beyond, the call is refused rather than buffered).
@@ -170,19 +170,35 @@ pub fn check_rule_shape(rule: &AccessRule) -> Result<(), Error> {
 pub struct AuthzLayer {
     table: Arc<AccessTable>,
     authorizer: Arc<dyn Authorizer>,
+    service: &'static str,
+    outbox: Option<socle_db::Database>,
 }
 
 impl AuthzLayer {
     /// A layer over `table` deciding with `authorizer`.
     pub fn new(table: AccessTable, authorizer: Arc<dyn Authorizer>) -> Self {
-        AuthzLayer { table: Arc::new(table), authorizer }
+        AuthzLayer { table: Arc::new(table), authorizer, service: "", outbox: None }
+    }
+
+    /// Runs each call in an [`audit::CallContext`] of `service`, whose
+    /// denied decisions are written to `outbox`.
+    pub fn audited(mut self, service: &'static str, outbox: Option<socle_db::Database>) -> Self {
+        self.service = service;
+        self.outbox = outbox;
+        self
     }
 }
 
 impl<S> tower::Layer<S> for AuthzLayer {
     type Service = AuthzService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        AuthzService { inner, table: self.table.clone(), authorizer: self.authorizer.clone() }
+        AuthzService {
+            inner,
+            table: self.table.clone(),
+            authorizer: self.authorizer.clone(),
+            service: self.service,
+            outbox: self.outbox.clone(),
+        }
     }
 }
 
@@ -192,6 +208,8 @@ pub struct AuthzService<S> {
     inner: S,
     table: Arc<AccessTable>,
     authorizer: Arc<dyn Authorizer>,
+    service: &'static str,
+    outbox: Option<socle_db::Database>,
 }
 
 impl<S> tower::Service<http::Request<tonic::body::Body>> for AuthzService<S>
@@ -216,8 +234,10 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let table = self.table.clone();
         let authorizer = self.authorizer.clone();
+        let (service, outbox) = (self.service, self.outbox.clone());
         Box::pin(async move {
             let path = request.uri().path().to_owned();
+            let context = Arc::new(audit::CallContext::new(service, path.clone(), request.headers(), outbox));
             let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone());
             let deny = |error: Error| Ok(error.into_status(request_id.as_deref()).into_http());
             match table.lookup(&path) {
@@ -252,11 +272,14 @@ where
                         request =
                             http::Request::from_parts(parts, tonic::body::Body::new(http_body_util::Full::new(bytes)));
                     }
-                    let decision = authorizer
-                        .authorize(CallInfo { path: &path, rule: &rule, headers: request.headers(), entity })
-                        .await;
+                    let decision = audit::scope(
+                        context.clone(),
+                        authorizer.authorize(CallInfo { path: &path, rule: &rule, headers: request.headers(), entity }),
+                    )
+                    .await;
                     match decision {
                         Ok(principal) => {
+                            context.set_principal(principal.clone());
                             request.extensions_mut().insert(principal);
                         }
                         Err(error) => {
@@ -266,7 +289,7 @@ where
                     }
                 }
             }
-            inner.call(request).await
+            audit::scope(context, inner.call(request)).await
         })
     }
 }

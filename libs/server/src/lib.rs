@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tonic::{server::NamedService, service::RoutesBuilder};
 use tower::ServiceBuilder;
 
+pub mod audit;
 pub mod authn;
 pub mod authz;
 pub mod layers;
@@ -105,6 +106,17 @@ pub struct AuthSettings {
     /// Identity only: earlier signing keys, still published in the JWKS so
     /// that tokens they signed stay valid until they expire.
     pub previous_signing_keys: Vec<socle_config::SecretRef>,
+    /// Identity only: how e-mails (invitations, password resets) leave:
+    /// `none` (kept queued in `outgoing_mail`; e-mail delivery is refused)
+    /// or `directory` (RFC 5322 `.eml` files in `mail_directory`, for
+    /// development and tests). No SMTP transport exists yet.
+    pub mail_transport: String,
+    /// Identity only: the folder of the `directory` mail transport.
+    pub mail_directory: Option<String>,
+    /// Identity only: the `From` address of e-mails.
+    pub mail_from: String,
+    /// Identity only: how long a password reset link stays valid, in seconds.
+    pub password_reset_ttl_secs: u64,
 }
 
 impl Default for AuthSettings {
@@ -123,6 +135,10 @@ impl Default for AuthSettings {
             invitation_ttl_secs: 7 * 24 * 3600,
             signing_key: None,
             previous_signing_keys: Vec::new(),
+            mail_transport: "none".into(),
+            mail_directory: None,
+            mail_from: "Socle <ne-pas-repondre@socle.local>".into(),
+            password_reset_ttl_secs: 30 * 60,
         }
     }
 }
@@ -143,6 +159,8 @@ pub struct ServiceConfig {
     pub secrets: SecretsSettings,
     /// `[auth]`.
     pub auth: AuthSettings,
+    /// `[audit]`.
+    pub audit: audit::AuditSettings,
     /// `[features]`: flags for capabilities rolled out gradually.
     pub features: BTreeMap<String, bool>,
 }
@@ -200,6 +218,8 @@ pub struct ServiceHost {
     settings: ServerSettings,
     database: Option<socle_db::Database>,
     metrics: Option<RpcMetrics>,
+    outbox: Option<socle_db::Database>,
+    relay: Option<(Arc<dyn socle_outbox::Sink>, socle_outbox::RelaySettings)>,
 }
 
 impl ServiceHost {
@@ -214,7 +234,28 @@ impl ServiceHost {
             settings,
             database: None,
             metrics: None,
+            outbox: None,
+            relay: None,
         }
+    }
+
+    /// Audits through `outbox` (the service database): denied access
+    /// decisions are written there, and, when `settings.url` names the audit
+    /// service, relay workers deliver the outbox for as long as the host
+    /// serves, authenticated with `clients`' service token (if any).
+    pub fn audit(
+        mut self,
+        outbox: socle_db::Database,
+        settings: &audit::AuditSettings,
+        clients: Option<&remote_auth::PlatformClients>,
+    ) -> Result<Self, ServerError> {
+        if let Some(url) = &settings.url {
+            let channel = remote_auth::channel(url).map_err(ServerError::Other)?;
+            let sink = audit::GrpcSink::new(channel, clients.map(|c| c.token.clone()));
+            self.relay = Some((Arc::new(sink), settings.relay()));
+        }
+        self.outbox = Some(outbox);
+        Ok(self)
     }
 
     /// Reports `NOT_SERVING` on gRPC health while `database` cannot be
@@ -293,8 +334,14 @@ impl ServiceHost {
                 Duration::from_millis(self.settings.stream_timeout_ms),
                 client_streaming_paths(self.pool),
             ))
-            .layer(authz::AuthzLayer::new(table, self.authorizer))
+            .layer(authz::AuthzLayer::new(table, self.authorizer).audited(self.name, self.outbox.clone()))
             .into_inner();
+        let relay = match (&self.relay, &self.outbox) {
+            (Some((sink, settings)), Some(outbox)) => {
+                Some(socle_outbox::Relay::start(self.name, outbox.clone(), sink.clone(), settings.clone()))
+            }
+            _ => None,
+        };
 
         let address = listener.local_addr().map_err(|e| ServerError::Other(e.to_string()))?;
         tracing::info!(service = self.name, %address, "serving");
@@ -327,6 +374,9 @@ impl ServiceHost {
         }
         if let Some(probe) = probe {
             probe.abort();
+        }
+        if let Some(relay) = relay {
+            relay.stop().await;
         }
         tracing::info!(service = self.name, "stopped");
         Ok(())

@@ -175,6 +175,14 @@ impl Authorizer for TokenAuthorizer {
                 Ok(principal)
             } else {
                 tracing::info!(rpc = call.path, permission = %call.rule.permission, entity = %entity, "access denied");
+                crate::audit::record_denial(
+                    &principal,
+                    &call.rule.permission,
+                    &entity,
+                    Code::PermissionDenied,
+                    "no_matching_grant",
+                )
+                .await;
                 Err(Error::new(Code::PermissionDenied, format!("you lack `{}` on this entity", call.rule.permission)))
             }
         })
@@ -185,7 +193,8 @@ impl Authorizer for TokenAuthorizer {
 /// checked the permission on the entity the caller acts for; the handler,
 /// once it has loaded the record, checks the same permission on the
 /// record's own entity. A refusal is `NOT_FOUND`, so that ids from other
-/// entities reveal nothing. Anonymous callers (the `declared` mode of tests
+/// entities reveal nothing; the refusal is audited like the layer's.
+/// Anonymous callers (the `declared` mode of tests
 /// and public RPCs) are not checked here.
 pub async fn check_record(
     principal: Option<&Principal>,
@@ -200,6 +209,8 @@ pub async fn check_record(
             if access.check(principal, permission, entity).await?.allowed {
                 Ok(())
             } else {
+                crate::audit::record_denial(principal, permission, entity, Code::NotFound, "record_in_other_entity")
+                    .await;
                 Err(Error::new(Code::NotFound, format!("{what} not found")))
             }
         }

@@ -189,6 +189,16 @@ pub fn set_parent_from(span: &tracing::Span, headers: &http::HeaderMap) {
     let _ = span.set_parent(extract_context(headers));
 }
 
+/// The trace id of the current span (32 lowercase hex), or an empty
+/// string when there is no valid trace (no tracer installed).
+pub fn current_trace_id() -> String {
+    use opentelemetry::trace::TraceContextExt;
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let span_context = span.span_context();
+    if span_context.is_valid() { span_context.trace_id().to_string() } else { String::new() }
+}
+
 /// Writes the current span's trace context into `headers`.
 pub fn inject_context(headers: &mut http::HeaderMap) {
     let context = tracing::Span::current().context();

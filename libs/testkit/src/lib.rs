@@ -41,6 +41,7 @@ fn with_user(url: &str, user: &str) -> String {
 }
 
 /// A database created for one test, with its own application role.
+#[derive(Debug, Clone)]
 pub struct TestDatabase {
     /// The database name (`socle_test_<label>_<random>`).
     pub name: String,
@@ -58,7 +59,12 @@ impl TestDatabase {
     /// Creates the database and its role. Databases are dropped by `cargo
     /// xtask test` at its next start (an async drop cannot run here).
     pub async fn create(label: &str) -> anyhow::Result<Self> {
-        let admin = pg_admin_url();
+        Self::create_on(&pg_admin_url(), label).await
+    }
+
+    /// Like [`TestDatabase::create`], on the cluster of `admin` (a superuser URL).
+    pub async fn create_on(admin: &str, label: &str) -> anyhow::Result<Self> {
+        let admin = admin.to_owned();
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let label: String =
             label.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
@@ -162,6 +168,10 @@ impl RunningService {
 
     /// Stops the service and waits for it to drain.
     pub async fn stop(mut self) -> Result<(), ServerError> {
+        self.halt().await
+    }
+
+    async fn halt(&mut self) -> Result<(), ServerError> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -170,6 +180,33 @@ impl RunningService {
             None => Ok(()),
         }
     }
+
+    /// Stops the service and returns what it needs to start again on the
+    /// same address with the same database (see [`respawn_service`]).
+    pub async fn stop_for_restart(mut self) -> anyhow::Result<Stopped> {
+        self.halt().await?;
+        let database = self.database.clone();
+        Ok(Stopped { service: self.service, addr: self.addr, database })
+    }
+}
+
+/// A service stopped by [`RunningService::stop_for_restart`].
+pub struct Stopped {
+    /// Which service.
+    pub service: Service,
+    /// The address it listened on.
+    pub addr: SocketAddr,
+    /// Its database, kept.
+    pub database: TestDatabase,
+}
+
+/// Starts a stopped service again on its address, with its database.
+pub async fn respawn_service(
+    stopped: Stopped,
+    adjust: impl FnOnce(&mut ServiceConfig),
+) -> anyhow::Result<RunningService> {
+    let listener = TcpListener::bind(stopped.addr).await?;
+    spawn_on_database(stopped.service, listener, stopped.database, &[], adjust).await
 }
 
 impl Drop for RunningService {
@@ -216,6 +253,16 @@ pub async fn spawn_service_on(
     adjust: impl FnOnce(&mut ServiceConfig),
 ) -> anyhow::Result<RunningService> {
     let database = TestDatabase::create(service.name()).await?;
+    spawn_on_database(service, listener, database, extra_secrets, adjust).await
+}
+
+async fn spawn_on_database(
+    service: Service,
+    listener: TcpListener,
+    database: TestDatabase,
+    extra_secrets: &[(&str, String)],
+    adjust: impl FnOnce(&mut ServiceConfig),
+) -> anyhow::Result<RunningService> {
     let dir = tempfile::tempdir()?;
     let secrets_file = dir.path().join("secrets.toml");
     let signing_key = socle_identity::keys::SigningKey::generate_pkcs8_base64();

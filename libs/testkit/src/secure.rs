@@ -28,6 +28,9 @@ pub struct SecurePlatform {
     pub root: String,
     /// A national administrator's access token.
     pub admin_token: String,
+    /// Where identity writes its e-mails (`directory` mail transport).
+    pub mail_dir: std::path::PathBuf,
+    _mail: tempfile::TempDir,
     http: reqwest::Client,
 }
 
@@ -55,19 +58,32 @@ impl SecurePlatform {
         };
         let identity_url = url(Service::Identity, &listeners)?;
         let tenancy_url = url(Service::Tenancy, &listeners)?;
+        let audit_url = url(Service::Audit, &listeners)?;
+        let mail = tempfile::tempdir()?;
+        let mail_dir = mail.path().to_path_buf();
         let mut credentials = BTreeMap::new();
         let mut services = BTreeMap::new();
         for (service, listener) in listeners {
             let client_id = format!("sa-{}", service.name());
             let secret = Uuid::new_v4().simple().to_string() + &Uuid::new_v4().simple().to_string();
             credentials.insert(service, (client_id.clone(), secret.clone()));
-            let (identity_url, tenancy_url) = (identity_url.clone(), tenancy_url.clone());
+            let (identity_url, tenancy_url, audit_url) = (identity_url.clone(), tenancy_url.clone(), audit_url.clone());
+            let mail_dir = mail_dir.clone();
             let running = spawn_service_on(service, listener, &[("client_secret", secret)], move |c| {
+                if service == Service::Identity {
+                    c.auth.mail_transport = "directory".into();
+                    c.auth.mail_directory = Some(mail_dir.display().to_string());
+                    c.auth.console_url = "https://console.socle.test".into();
+                }
                 c.auth.mode = AuthMode::Tokens;
                 c.auth.identity_url = Some(identity_url);
                 c.auth.tenancy_url = Some(tenancy_url);
                 c.auth.client_id = Some(client_id);
                 c.auth.client_secret = Some(socle_config::SecretRef::parse("file:client_secret").expect("locator"));
+                c.audit.url = Some(audit_url);
+                c.audit.poll_interval_ms = 200;
+                c.audit.min_backoff_ms = 50;
+                c.audit.max_backoff_ms = 1000;
             })
             .await?;
             services.insert(service, running);
@@ -106,6 +122,8 @@ impl SecurePlatform {
             edge,
             root: root.id.clone(),
             admin_token: String::new(),
+            mail_dir,
+            _mail: mail,
             http: reqwest::Client::new(),
         };
         let (admin, token) = platform.user_with_password("admin@socle.test", &root.id).await?;
@@ -136,6 +154,30 @@ impl SecurePlatform {
             .await?;
         anyhow::ensure!(status == 200, "accepting the invitation: {reply}");
         Ok((id, reply["tokens"]["accessToken"].as_str().context("no access token")?.to_owned()))
+    }
+
+    /// The e-mails identity sent to `recipient` (RFC 5322 text), oldest first.
+    pub fn mails_to(&self, recipient: &str) -> Vec<String> {
+        let mut files: Vec<_> = std::fs::read_dir(&self.mail_dir)
+            .map(|dir| dir.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.retain(|p| p.extension().is_some_and(|e| e == "eml"));
+        files.sort();
+        files
+            .into_iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .filter(|m| m.lines().any(|l| l.eq_ignore_ascii_case(&format!("To: {recipient}"))))
+            .collect()
+    }
+
+    /// The token of the last link to `path` (e.g. `/password-reset`) mailed
+    /// to `recipient`.
+    pub fn mailed_token(&self, recipient: &str, path: &str) -> Option<String> {
+        let marker = format!("{path}#token=");
+        self.mails_to(recipient)
+            .iter()
+            .rev()
+            .find_map(|m| m.lines().find_map(|l| l.split_once(&marker).map(|(_, token)| token.trim().to_owned())))
     }
 
     /// Calls the edge with an optional token and acting entity.

@@ -21,9 +21,11 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
     let database = socle_server::open_database(&ctx.config.database, &ctx.secrets, MIGRATIONS).await?;
     let authorizer = socle_server::authorizer_for(&ctx.config.auth, &ctx.secrets, ctx.authorizer.clone(), None).await?;
+    let platform = socle_server::platform_clients(&ctx.config.auth, &ctx.secrets).await?;
     let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
         .authorizer(authorizer)
-        .readiness_database(database);
+        .readiness_database(database.clone())
+        .audit(database, &ctx.config.audit, platform.as_ref())?;
     let host = socle_server::unimplemented_services!(
         host,
         assistant_service_server::{AssistantServiceServer, AssistantService},

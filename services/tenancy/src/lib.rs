@@ -37,9 +37,11 @@ pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
         Some(std::sync::Arc::new(access::LocalAccessCheck::new(database.clone()))),
     )
     .await?;
+    let platform = socle_server::platform_clients(&ctx.config.auth, &ctx.secrets).await?;
     let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
         .authorizer(authorizer)
         .readiness_database(database.clone())
+        .audit(database.clone(), &ctx.config.audit, platform.as_ref())?
         .add_service(entity_service_server::EntityServiceServer::new(entities::EntityApi::new(database.clone())))
         .add_service(role_service_server::RoleServiceServer::new(roles::RoleApi::new(database.clone())))
         .add_service(grant_service_server::GrantServiceServer::new(grants::GrantApi::new(database.clone())))
