@@ -326,3 +326,25 @@ async fn queries_filter_and_paginate_newest_first() {
         .unwrap();
     assert_eq!(scoped, 5);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_appends_to_one_chain_are_serialised_without_gaps() {
+    let env = env(7).await;
+    let entity = Uuid::new_v4();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = env.store.clone();
+        tasks.push(tokio::spawn(async move {
+            append(&store, (0..5).map(|_| event(entity, "crm.organizations.update")).collect()).await.unwrap()
+        }));
+    }
+    let mut sequences: Vec<i64> = Vec::new();
+    for task in tasks {
+        sequences.extend(task.await.unwrap().iter().map(|r| r.sequence));
+    }
+    sequences.sort();
+    assert_eq!(sequences, (1..=40).collect::<Vec<_>>());
+    let response = env.store.verify(entity, VerifyRange::default()).await.unwrap();
+    assert_eq!((response.status, response.verified_event_count), (ChainStatus::Ok as i32, 40));
+    assert!(response.verified_checkpoint_count >= 4, "{response:?}");
+}
