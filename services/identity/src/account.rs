@@ -36,6 +36,36 @@ fn caller(principal: Option<&Principal>) -> Result<(uuid::Uuid, Option<uuid::Uui
 
 #[tonic::async_trait]
 impl AccountService for Identity {
+    async fn update_me(&self, request: Request<UpdateMeRequest>) -> Result<Response<UpdateMeResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = socle_server::principal_of(&request);
+        let r = request.into_inner();
+        let result = async {
+            let (user, _) = caller(principal.as_ref())?;
+            self.update_profile(principal.as_ref(), &user.to_string(), r.user, r.update_mask.as_ref(), &r.etag, false)
+                .await
+        }
+        .await;
+        reply(result.map(|user| UpdateMeResponse { user: Some(user) }), request_id)
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<ChangePasswordRequest>,
+    ) -> Result<Response<ChangePasswordResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = socle_server::principal_of(&request);
+        let (_, ip) = crate::service::client_of(&request);
+        let r = request.into_inner();
+        let result = async {
+            let (user, session) = caller(principal.as_ref())?;
+            let revoked = Identity::change_password(self, user, session, &ip, r).await?;
+            Ok(ChangePasswordResponse { revoked_session_count: revoked })
+        }
+        .await;
+        reply(result, request_id)
+    }
+
     async fn enroll_totp(&self, request: Request<EnrollTotpRequest>) -> Result<Response<EnrollTotpResponse>, Status> {
         let request_id = rid(&request);
         let principal = socle_server::principal_of(&request);

@@ -8,7 +8,7 @@ use diesel_async::RunQueryDsl;
 use socle_api::{check_etag, parse_id};
 use socle_db::{DbError, EntityScope};
 use socle_errors::{Code, Error};
-use socle_proto::socle::identity::v1::{InvitationDelivery, User, UserState};
+use socle_proto::socle::identity::v1::{User, UserState};
 use socle_server::Principal;
 use uuid::Uuid;
 
@@ -19,7 +19,7 @@ use crate::{
 
 impl Identity {
     /// Loads an account the caller may manage.
-    async fn managed(&self, principal: Option<&Principal>, user_id: &str) -> Result<(Uuid, User), Error> {
+    pub(crate) async fn managed(&self, principal: Option<&Principal>, user_id: &str) -> Result<(Uuid, User), Error> {
         let id = parse_id("user_id", user_id)?;
         let user = self.user_by_id(user_id).await?;
         self.check_record(principal, "identity.users.manage", &user.entity_id, "user").await?;
@@ -116,15 +116,13 @@ impl Identity {
         if user.state != UserState::Invited as i32 {
             return Err(Error::new(Code::FailedPrecondition, "only an invited account has an invitation"));
         }
-        if InvitationDelivery::try_from(delivery) != Ok(InvitationDelivery::ReturnLink) {
-            return Err(Error::new(
-                Code::Unimplemented,
-                "e-mail delivery of invitations is not available yet: use INVITATION_DELIVERY_RETURN_LINK",
-            ));
-        }
+        let by_mail = self.invitation_by_mail(delivery)?;
         let token = new_refresh_token();
         let (hash, expire) =
             (hash_token(&token), Utc::now() + Duration::seconds(self.settings().invitation_ttl_secs as i64));
+        let console = self.settings().console_url.trim_end_matches('/').to_owned();
+        let link = format!("{console}/invitation#token={token}");
+        let mail = by_mail.then(|| (user.email.clone(), crate::mail::invitation(&user.display_name, &link, expire)));
         self.db()
             .transaction(&EntityScope::System, move |conn| {
                 Box::pin(async move {
@@ -138,16 +136,22 @@ impl Identity {
                     .execute(conn)
                     .await
                     .map_err(DbError::from)?;
+                    if let Some((to, (subject, body))) = mail {
+                        crate::mail::enqueue(conn, Some(id), &to, &subject, &body).await?;
+                    }
                     Ok::<_, Error>(())
                 })
             })
             .await?;
-        let console = self.settings().console_url.trim_end_matches('/').to_owned();
-        Ok((self.user_by_id(user_id).await?, format!("{console}/invitation#token={token}")))
+        if by_mail {
+            self.mailer().flush(self.db()).await;
+            return Ok((self.user_by_id(user_id).await?, String::new()));
+        }
+        Ok((self.user_by_id(user_id).await?, link))
     }
 }
 
 /// The version an etag stands for (`"3"` → 3).
-fn etag_version(etag: &str) -> i64 {
+pub(crate) fn etag_version(etag: &str) -> i64 {
     etag.trim_matches('"').parse().unwrap_or(0)
 }

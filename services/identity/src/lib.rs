@@ -9,7 +9,9 @@ pub mod account;
 pub mod administration;
 pub mod bootstrap;
 pub mod cli;
+pub mod credentials;
 pub mod keys;
+pub mod mail;
 pub mod passwords;
 pub mod second_factor;
 pub mod service;
@@ -17,6 +19,7 @@ pub mod service_accounts;
 pub mod throttle;
 pub mod tokens;
 pub mod totp;
+pub mod users;
 
 use socle_db::{EmbeddedMigrations, embed_migrations};
 use socle_proto::socle::identity::v1::*;
@@ -37,7 +40,19 @@ pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
     let database = socle_server::open_database(&ctx.config.database, &ctx.secrets, MIGRATIONS).await?;
     let authorizer = socle_server::authorizer_for(&ctx.config.auth, &ctx.secrets, ctx.authorizer.clone(), None).await?;
     let platform = socle_server::platform_clients(&ctx.config.auth, &ctx.secrets).await?;
-    let identity = service::Identity::new(database.clone(), keys, ctx.config.auth.clone(), platform);
+    let mailer = mail::Mailer::from_settings(&ctx.config.auth).map_err(ServerError::Other)?;
+    // Mails left queued (a failed or interrupted delivery) go out within 30 s.
+    let delivery = {
+        let (mailer, database) = (mailer.clone(), database.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(30));
+            loop {
+                every.tick().await;
+                mailer.flush(&database).await;
+            }
+        })
+    };
+    let identity = service::Identity::new(database.clone(), keys, ctx.config.auth.clone(), platform, mailer);
     let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
         .authorizer(authorizer)
         .readiness_database(database)
@@ -46,7 +61,9 @@ pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
         .add_service(jwks_service_server::JwksServiceServer::new(identity.clone()))
         .add_service(service_account_service_server::ServiceAccountServiceServer::new(identity.clone()))
         .add_service(account_service_server::AccountServiceServer::new(identity));
-    host.serve(ctx.listener, ctx.shutdown).await
+    let served = host.serve(ctx.listener, ctx.shutdown).await;
+    delivery.abort();
+    served
 }
 
 /// Resolves the signing keys named in `[auth]`: the current one is required.

@@ -36,6 +36,7 @@ pub struct Identity {
     keys: Arc<KeySet>,
     settings: Arc<AuthSettings>,
     platform: Option<socle_server::remote_auth::PlatformClients>,
+    mailer: Arc<crate::mail::Mailer>,
 }
 
 impl Identity {
@@ -45,9 +46,27 @@ impl Identity {
         keys: KeySet,
         settings: AuthSettings,
         platform: Option<socle_server::remote_auth::PlatformClients>,
+        mailer: crate::mail::Mailer,
     ) -> Self {
         let parallelism = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-        Identity { db, hasher: Hasher::new(parallelism), keys: Arc::new(keys), settings: Arc::new(settings), platform }
+        Identity {
+            db,
+            hasher: Hasher::new(parallelism),
+            keys: Arc::new(keys),
+            settings: Arc::new(settings),
+            platform,
+            mailer: Arc::new(mailer),
+        }
+    }
+
+    /// The outgoing mail transport.
+    pub(crate) fn mailer(&self) -> &crate::mail::Mailer {
+        &self.mailer
+    }
+
+    /// The password hasher.
+    pub(crate) fn hasher(&self) -> &Hasher {
+        &self.hasher
     }
 
     /// Checks `permission` on a loaded record's entity for the caller
@@ -195,6 +214,21 @@ impl Identity {
             .await
     }
 
+    /// Whether an invitation goes by e-mail (`EMAIL` or unspecified) rather
+    /// than back to the caller; e-mail without a mail transport is
+    /// `UNIMPLEMENTED`.
+    pub(crate) fn invitation_by_mail(&self, delivery: i32) -> Result<bool, Error> {
+        match InvitationDelivery::try_from(delivery) {
+            Ok(InvitationDelivery::ReturnLink) => Ok(false),
+            Ok(InvitationDelivery::Email) | Ok(InvitationDelivery::Unspecified) if self.mailer.delivers() => Ok(true),
+            Ok(InvitationDelivery::Email) | Ok(InvitationDelivery::Unspecified) => Err(Error::new(
+                Code::Unimplemented,
+                "e-mail delivery is not configured (auth.mail_transport): use INVITATION_DELIVERY_RETURN_LINK",
+            )),
+            Err(_) => Err(Error::invalid_field("invitation_delivery", "is unknown")),
+        }
+    }
+
     /// The database.
     pub(crate) fn db(&self) -> &Database {
         &self.db
@@ -216,7 +250,7 @@ pub fn normalize_email(email: &str) -> String {
     email.trim().to_lowercase()
 }
 
-fn valid_email(email: &str) -> bool {
+pub(crate) fn valid_email(email: &str) -> bool {
     let email = email.trim();
     email.len() <= 254
         && !email.contains(char::is_whitespace)
@@ -230,46 +264,46 @@ pub(crate) struct UserRow {
     #[diesel(sql_type = SqlUuid)]
     pub(crate) id: Uuid,
     #[diesel(sql_type = SqlUuid)]
-    entity_id: Uuid,
+    pub(crate) entity_id: Uuid,
     #[diesel(sql_type = Text)]
     pub(crate) email: String,
     #[diesel(sql_type = Text)]
-    given_name: String,
+    pub(crate) given_name: String,
     #[diesel(sql_type = Text)]
-    family_name: String,
+    pub(crate) family_name: String,
     #[diesel(sql_type = Text)]
-    display_name: String,
+    pub(crate) display_name: String,
     #[diesel(sql_type = Text)]
-    locale: String,
+    pub(crate) locale: String,
     #[diesel(sql_type = Nullable<SqlUuid>)]
-    default_entity_id: Option<Uuid>,
+    pub(crate) default_entity_id: Option<Uuid>,
     #[diesel(sql_type = SmallInt)]
-    state: i16,
+    pub(crate) state: i16,
     #[diesel(sql_type = Nullable<Text>)]
     pub(crate) password_hash: Option<String>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
-    password_update_time: Option<DateTime<Utc>>,
+    pub(crate) password_update_time: Option<DateTime<Utc>>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
-    last_login_time: Option<DateTime<Utc>>,
+    pub(crate) last_login_time: Option<DateTime<Utc>>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
-    invitation_expire_time: Option<DateTime<Utc>>,
+    pub(crate) invitation_expire_time: Option<DateTime<Utc>>,
     #[diesel(sql_type = Timestamptz)]
-    create_time: DateTime<Utc>,
+    pub(crate) create_time: DateTime<Utc>,
     #[diesel(sql_type = Timestamptz)]
-    update_time: DateTime<Utc>,
+    pub(crate) update_time: DateTime<Utc>,
     #[diesel(sql_type = BigInt)]
-    version: i64,
+    pub(crate) version: i64,
     #[diesel(sql_type = Nullable<Bytea>)]
     pub(crate) totp_secret: Option<Vec<u8>>,
 }
 
-const SELECT_USER: &str = "SELECT id, entity_id, email, given_name, family_name, display_name, locale, default_entity_id,
+pub(crate) const SELECT_USER: &str = "SELECT id, entity_id, email, given_name, family_name, display_name, locale, default_entity_id,
         state, password_hash, password_update_time, last_login_time, invitation_expire_time, create_time, update_time, version,
         totp_secret
    FROM users";
 
 impl UserRow {
-    fn to_proto(&self) -> User {
+    pub(crate) fn to_proto(&self) -> User {
         User {
             id: self.id.to_string(),
             entity_id: self.entity_id.to_string(),
@@ -376,7 +410,7 @@ async fn tokens_for(
     })
 }
 
-fn client_of<T>(request: &Request<T>) -> (String, String) {
+pub(crate) fn client_of<T>(request: &Request<T>) -> (String, String) {
     let header = |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let ip = header("x-forwarded-for").split(',').next().unwrap_or_default().trim().to_owned();
     let ip = if ip.is_empty() { request.remote_addr().map(|a| a.ip().to_string()).unwrap_or_default() } else { ip };
@@ -391,6 +425,43 @@ pub(crate) fn bad_credentials() -> Error {
 
 #[tonic::async_trait]
 impl UserService for Identity {
+    async fn list_users(&self, request: Request<ListUsersRequest>) -> Result<Response<ListUsersResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = socle_server::principal_of(&request);
+        let acting = request.metadata().get("x-socle-entity").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let r = request.into_inner();
+        let result = Identity::list_users(self, principal.as_ref(), acting, r).await;
+        reply(result.map(|(users, next_page_token)| ListUsersResponse { users, next_page_token }), request_id)
+    }
+
+    async fn update_user(&self, request: Request<UpdateUserRequest>) -> Result<Response<UpdateUserResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = socle_server::principal_of(&request);
+        let r = request.into_inner();
+        let result =
+            self.update_profile(principal.as_ref(), &r.user_id, r.user, r.update_mask.as_ref(), &r.etag, true).await;
+        reply(result.map(|user| UpdateUserResponse { user: Some(user) }), request_id)
+    }
+
+    async fn delete_user(&self, request: Request<DeleteUserRequest>) -> Result<Response<DeleteUserResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = socle_server::principal_of(&request);
+        let r = request.into_inner();
+        let result = Identity::delete_user(self, principal.as_ref(), &r.user_id, &r.etag).await;
+        reply(result.map(|()| DeleteUserResponse {}), request_id)
+    }
+
+    async fn reset_user_second_factor(
+        &self,
+        request: Request<ResetUserSecondFactorRequest>,
+    ) -> Result<Response<ResetUserSecondFactorResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = socle_server::principal_of(&request);
+        let r = request.into_inner();
+        let result = self.reset_second_factor(principal.as_ref(), &r.user_id).await;
+        reply(result.map(|user| ResetUserSecondFactorResponse { user: Some(user) }), request_id)
+    }
+
     async fn disable_user(
         &self,
         request: Request<DisableUserRequest>,
@@ -494,20 +565,13 @@ impl UserService for Identity {
             };
             v.check((1..=120).contains(&display.chars().count()), "user.display_name", "is required (or given and family names)");
             v.into_result()?;
-            match InvitationDelivery::try_from(r.invitation_delivery) {
-                Ok(InvitationDelivery::ReturnLink) => {}
-                Ok(InvitationDelivery::Email) | Ok(InvitationDelivery::Unspecified) | Err(_) => {
-                    return Err(Error::new(
-                        Code::Unimplemented,
-                        "e-mail delivery of invitations is not available yet: use INVITATION_DELIVERY_RETURN_LINK",
-                    ));
-                }
-            }
+            let by_mail = self.invitation_by_mail(r.invitation_delivery)?;
             let (entity, default_entity) = (entity?, default_entity?);
             let token = new_refresh_token();
             let expire = Utc::now() + Duration::seconds(self.settings.invitation_ttl_secs as i64);
             let console = self.settings.console_url.trim_end_matches('/').to_owned();
             let token_for_reply = token.clone();
+            let invitation_link = format!("{console}/invitation#token={token}");
             let row = self
                 .db
                 .transaction(&EntityScope::System, move |conn| {
@@ -547,13 +611,24 @@ impl UserService for Identity {
                             other => other.map_err(DbError::from)?,
                         };
                         let row = user_where(conn, "id = $1", UserKey::Id(id)).await?.ok_or_else(|| Error::not_found("user", id))?;
+                        if by_mail {
+                            let (subject, body) = crate::mail::invitation(&row.display_name, &invitation_link, expire);
+                            crate::mail::enqueue(conn, Some(id), &row.email, &subject, &body).await?;
+                        }
                         Ok((row, true))
                     })
                 })
                 .await?;
             let (row, created) = row;
+            if by_mail {
+                self.mailer().flush(&self.db).await;
+            }
             // A retried create does not reissue the link: the first one stands.
-            let invitation_url = if created { format!("{console}/invitation#token={token_for_reply}") } else { String::new() };
+            let invitation_url = if created && !by_mail {
+                format!("{console}/invitation#token={token_for_reply}")
+            } else {
+                String::new()
+            };
             Ok(CreateUserResponse { user: Some(row.to_proto()), invitation_url })
         }
         .await;
@@ -842,6 +917,28 @@ impl AuthService for Identity {
         }
         .await;
         reply(result, request_id)
+    }
+
+    async fn request_password_reset(
+        &self,
+        request: Request<RequestPasswordResetRequest>,
+    ) -> Result<Response<RequestPasswordResetResponse>, Status> {
+        let request_id = rid(&request);
+        let (_, ip) = client_of(&request);
+        let r = request.into_inner();
+        let result = Identity::request_password_reset(self, &r.email, &ip).await;
+        reply(result.map(|()| RequestPasswordResetResponse {}), request_id)
+    }
+
+    async fn reset_password(
+        &self,
+        request: Request<ResetPasswordRequest>,
+    ) -> Result<Response<ResetPasswordResponse>, Status> {
+        let request_id = rid(&request);
+        let (_, ip) = client_of(&request);
+        let r = request.into_inner();
+        let result = Identity::reset_password(self, &r.reset_token, r.new_password, &ip).await;
+        reply(result.map(|()| ResetPasswordResponse {}), request_id)
     }
 
     async fn accept_invitation(

@@ -34,21 +34,44 @@ pub const ADDRESS_THRESHOLD: i32 = 50;
 /// The longest lock.
 pub const MAX_LOCK_SECONDS: i64 = 15 * 60;
 
-/// The keys of one attempt.
+/// The keys of one attempt: (kind, key) with kind `pair`, `account` or
+/// `address`.
 pub struct Keys {
-    pair: String,
-    account: String,
-    address: String,
+    entries: Vec<(&'static str, String)>,
 }
 
 impl Keys {
     /// Keys for a (normalised) e-mail and a client address.
     pub fn new(email: &str, address: &str) -> Self {
         Keys {
-            pair: format!("pair:{email}|{address}"),
-            account: format!("account:{email}"),
-            address: format!("address:{address}"),
+            entries: vec![
+                ("pair", format!("pair:{email}|{address}")),
+                ("account", format!("account:{email}")),
+                ("address", format!("address:{address}")),
+            ],
         }
+    }
+
+    /// Password-reset requests, counted apart from sign-ins (so that
+    /// requesting resets cannot lock a person out of signing in): the same
+    /// thresholds under `reset-` keys.
+    pub fn reset(email: &str, address: &str) -> Self {
+        Keys {
+            entries: vec![
+                ("pair", format!("reset-pair:{email}|{address}")),
+                ("account", format!("reset-account:{email}")),
+                ("address", format!("reset-address:{address}")),
+            ],
+        }
+    }
+
+    /// Wrong password-reset tokens, counted per client address only.
+    pub fn reset_address(address: &str) -> Self {
+        Keys { entries: vec![("address", format!("reset-address:{address}"))] }
+    }
+
+    fn all(&self) -> Vec<String> {
+        self.entries.iter().map(|(_, k)| k.clone()).collect()
     }
 }
 
@@ -75,7 +98,7 @@ pub async fn locked_for(conn: &mut AsyncPgConnection, keys: &Keys) -> Result<Opt
     let row: Until = diesel::sql_query(
         "SELECT max(locked_until) AS until FROM login_throttle WHERE key = ANY($1) AND locked_until > now()",
     )
-    .bind::<Array<Text>, _>(vec![keys.pair.clone(), keys.account.clone(), keys.address.clone()])
+    .bind::<Array<Text>, _>(keys.all())
     .get_result(conn)
     .await?;
     Ok(row.until.map(|until| (until - Utc::now()).to_std().unwrap_or_default()))
@@ -84,7 +107,7 @@ pub async fn locked_for(conn: &mut AsyncPgConnection, keys: &Keys) -> Result<Opt
 /// Counts a failure under every key; returns the lock it triggered, if any.
 pub async fn record_failure(conn: &mut AsyncPgConnection, keys: &Keys) -> Result<Option<(String, i64)>, DbError> {
     let mut triggered = None;
-    for (kind, key) in [("pair", &keys.pair), ("account", &keys.account), ("address", &keys.address)] {
+    for (kind, key) in &keys.entries {
         #[derive(QueryableByName)]
         struct Failures {
             #[diesel(sql_type = Integer)]
@@ -107,7 +130,7 @@ pub async fn record_failure(conn: &mut AsyncPgConnection, keys: &Keys) -> Result
                 .bind::<Timestamptz, _>(Utc::now() + Duration::seconds(seconds))
                 .execute(conn)
                 .await?;
-            triggered.get_or_insert((kind.to_owned(), seconds));
+            triggered.get_or_insert(((*kind).to_owned(), seconds));
         }
     }
     Ok(triggered)
@@ -116,7 +139,9 @@ pub async fn record_failure(conn: &mut AsyncPgConnection, keys: &Keys) -> Result
 /// Clears the account and pair counters after a successful sign-in.
 pub async fn record_success(conn: &mut AsyncPgConnection, keys: &Keys) -> Result<(), DbError> {
     diesel::sql_query("DELETE FROM login_throttle WHERE key = ANY($1)")
-        .bind::<Array<Text>, _>(vec![keys.pair.clone(), keys.account.clone()])
+        .bind::<Array<Text>, _>(
+            keys.entries.iter().filter(|(kind, _)| *kind != "address").map(|(_, k)| k.clone()).collect::<Vec<_>>(),
+        )
         .execute(conn)
         .await?;
     Ok(())
