@@ -8,13 +8,16 @@ use chrono::{DateTime, Duration, Utc};
 use diesel::{
     QueryableByName,
     result::{DatabaseErrorKind, Error as DieselError},
-    sql_types::{BigInt, Bool, Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid},
+    sql_types::{Array, BigInt, Bool, Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid},
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use socle_api::{Violations, check_etag, etag, parse_id, timestamp};
+use socle_api::{FieldMask, PageToken, Violations, check_etag, etag, page_size, parse_id, timestamp};
 use socle_db::{DbError, EntityScope, idempotency};
 use socle_errors::{Code, Error};
-use socle_proto::socle::identity::v1::{service_account_service_server::ServiceAccountService, *};
+use socle_proto::socle::{
+    identity::v1::{service_account_service_server::ServiceAccountService, *},
+    r#type::v1::ActorKind,
+};
 use socle_server::{reply, request_id::owned as rid};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -124,6 +127,238 @@ impl Identity {
 
 #[tonic::async_trait]
 impl ServiceAccountService for Identity {
+    async fn list_service_accounts(
+        &self,
+        request: Request<ListServiceAccountsRequest>,
+    ) -> Result<Response<ListServiceAccountsResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = socle_server::principal_of(&request);
+        let acting = request.metadata().get("x-socle-entity").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let r = request.into_inner();
+        let result = async {
+            let size = page_size(r.page_size)?;
+            let entity_text = if r.entity_id.is_empty() { acting.unwrap_or_default() } else { r.entity_id.clone() };
+            if entity_text.is_empty() {
+                return Err(Error::invalid_field("entity_id", "is required (or the x-socle-entity header)"));
+            }
+            let entity = parse_id("entity_id", &entity_text)?;
+            let order = r.order_by.trim().to_owned();
+            let (key, descending) = match order.as_str() {
+                "" | "name" => ("name || chr(1) || id::text", false),
+                "create_time desc" => {
+                    ("to_char(create_time AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISSUS') || chr(1) || id::text", true)
+                }
+                "last_token_time desc" => (
+                    "coalesce(to_char(last_token_time AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISSUS'), '0') || chr(1) || id::text",
+                    true,
+                ),
+                _ => {
+                    return Err(Error::invalid_field(
+                        "order_by",
+                        "must be one of: name, create_time desc, last_token_time desc",
+                    ));
+                }
+            };
+            let query = r.query.trim().to_owned();
+            let filters = format!("e={entity};d={};q={query};o={order}", r.include_descendants);
+            let after = PageToken::<String>::decode(&r.page_token, &filters)?.map(|t| t.after);
+            let entities = if r.include_descendants {
+                match (self.platform(), principal.as_ref()) {
+                    (Some(_), Some(p)) if !matches!(p, socle_server::Principal::Anonymous) => {
+                        let mut readable = self.readable_entities(p, "identity.service_accounts.read", entity).await?;
+                        if !readable.contains(&entity) {
+                            readable.push(entity);
+                        }
+                        readable
+                    }
+                    (None, _) => {
+                        return Err(Error::new(
+                            Code::FailedPrecondition,
+                            "include_descendants needs the entity tree: identity must run with [auth] mode = \"tokens\"",
+                        ));
+                    }
+                    _ => vec![entity],
+                }
+            } else {
+                vec![entity]
+            };
+            let pattern = query.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+            self.db()
+                .transaction(&EntityScope::System, move |conn| {
+                    Box::pin(async move {
+                        #[derive(QueryableByName)]
+                        struct Keyed {
+                            #[diesel(embed)]
+                            account: AccountRow,
+                            #[diesel(sql_type = Text)]
+                            sort_key: String,
+                        }
+                        let columns = SELECT.trim_end_matches("FROM service_accounts").trim_end().trim_start_matches("SELECT");
+                        let rows: Vec<Keyed> = diesel::sql_query(format!(
+                            "SELECT * FROM (SELECT {columns}, {key} COLLATE \"C\" AS sort_key FROM service_accounts
+                               WHERE entity_id = ANY($1)
+                                 AND ($2 = '' OR socle_fold(name || ' ' || display_name) LIKE '%' || socle_fold($2) || '%')) a
+                              WHERE $3::text IS NULL OR sort_key {cmp} $3
+                              ORDER BY sort_key {dir} LIMIT $4",
+                            cmp = if descending { "<" } else { ">" },
+                            dir = if descending { "DESC" } else { "ASC" },
+                        ))
+                        .bind::<Array<SqlUuid>, _>(&entities)
+                        .bind::<Text, _>(&pattern)
+                        .bind::<Nullable<Text>, _>(after)
+                        .bind::<BigInt, _>(size as i64 + 1)
+                        .load(conn)
+                        .await
+                        .map_err(DbError::from)?;
+                        let more = rows.len() > size;
+                        let rows = &rows[..rows.len().min(size)];
+                        let next = match (more, rows.last()) {
+                            (true, Some(last)) => PageToken::encode(last.sort_key.clone(), &filters),
+                            _ => String::new(),
+                        };
+                        Ok(ListServiceAccountsResponse {
+                            service_accounts: rows.iter().map(|k| k.account.to_proto()).collect(),
+                            next_page_token: next,
+                        })
+                    })
+                })
+                .await
+        }
+        .await;
+        reply(result, request_id)
+    }
+
+    async fn update_service_account(
+        &self,
+        request: Request<UpdateServiceAccountRequest>,
+    ) -> Result<Response<UpdateServiceAccountResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = socle_server::principal_of(&request);
+        let r = request.into_inner();
+        let result = async {
+            let mask = FieldMask::new(r.update_mask.as_ref(), &["display_name", "description", "disabled"])?;
+            let changes = r.service_account.ok_or_else(|| Error::invalid_field("service_account", "is required"))?;
+            let id = parse_id("service_account_id", &r.service_account_id)?;
+            let account = self.account(id).await?;
+            self.check_record(
+                principal.as_ref(),
+                "identity.service_accounts.manage",
+                &account.entity_id,
+                "service account",
+            )
+            .await?;
+            if r.etag.is_empty() {
+                return Err(Error::invalid_field("etag", "is required: send the etag last read"));
+            }
+            let mut v = Violations::new();
+            if mask.contains("display_name") {
+                v.check(
+                    (1..=120).contains(&changes.display_name.trim().chars().count()),
+                    "service_account.display_name",
+                    "is required, at most 120 characters",
+                );
+            }
+            if mask.contains("description") {
+                v.check(
+                    changes.description.chars().count() <= 1000,
+                    "service_account.description",
+                    "at most 1000 characters",
+                );
+            }
+            v.into_result()?;
+            let etag_given = r.etag;
+            let row = self
+                .db()
+                .transaction(&EntityScope::System, move |conn| {
+                    Box::pin(async move {
+                        let current = load(conn, "id = $1", &id.to_string())
+                            .await?
+                            .ok_or_else(|| Error::not_found("service account", id))?;
+                        check_etag(&etag_given, current.version, true)?;
+                        let display = if mask.contains("display_name") {
+                            changes.display_name.trim().to_owned()
+                        } else {
+                            current.display_name.clone()
+                        };
+                        let description = if mask.contains("description") {
+                            changes.description.trim().to_owned()
+                        } else {
+                            current.description.clone()
+                        };
+                        let disabled = if mask.contains("disabled") { changes.disabled } else { current.disabled };
+                        diesel::sql_query(
+                            "UPDATE service_accounts SET display_name = $2, description = $3, disabled = $4,
+                                    version = version + 1, update_time = now()
+                              WHERE id = $1",
+                        )
+                        .bind::<SqlUuid, _>(id)
+                        .bind::<Text, _>(&display)
+                        .bind::<Text, _>(&description)
+                        .bind::<Bool, _>(disabled)
+                        .execute(conn)
+                        .await
+                        .map_err(DbError::from)?;
+                        load(conn, "id = $1", &id.to_string())
+                            .await?
+                            .ok_or_else(|| Error::not_found("service account", id))
+                    })
+                })
+                .await?;
+            Ok(UpdateServiceAccountResponse { service_account: Some(row.to_proto()) })
+        }
+        .await;
+        reply(result, request_id)
+    }
+
+    async fn delete_service_account(
+        &self,
+        request: Request<DeleteServiceAccountRequest>,
+    ) -> Result<Response<DeleteServiceAccountResponse>, Status> {
+        let request_id = rid(&request);
+        let principal = socle_server::principal_of(&request);
+        let r = request.into_inner();
+        let result = async {
+            let id = parse_id("service_account_id", &r.service_account_id)?;
+            let account = self.account(id).await?;
+            self.check_record(
+                principal.as_ref(),
+                "identity.service_accounts.manage",
+                &account.entity_id,
+                "service account",
+            )
+            .await?;
+            check_etag(&r.etag, crate::administration::etag_version(&account.etag), false)?;
+            // The grants first: a failure leaves the account whole, and a
+            // retry after a later failure finds no grant left to remove.
+            let acting = match principal.as_ref() {
+                Some(socle_server::Principal::User { entity_id: Some(e), .. }) if !e.is_empty() => e.clone(),
+                _ => account.entity_id.clone(),
+            };
+            let removed = self.purge_grants(ActorKind::ServiceAccount, id, &acting).await?;
+            let etag_given = r.etag;
+            self.db()
+                .transaction(&EntityScope::System, move |conn| {
+                    Box::pin(async move {
+                        let current = load(conn, "id = $1", &id.to_string())
+                            .await?
+                            .ok_or_else(|| Error::not_found("service account", id))?;
+                        check_etag(&etag_given, current.version, false)?;
+                        diesel::sql_query("DELETE FROM service_accounts WHERE id = $1")
+                            .bind::<SqlUuid, _>(id)
+                            .execute(conn)
+                            .await
+                            .map_err(DbError::from)?;
+                        Ok::<_, Error>(())
+                    })
+                })
+                .await?;
+            tracing::info!(service_account = %id, grants_removed = removed, "service account deleted");
+            Ok(DeleteServiceAccountResponse {})
+        }
+        .await;
+        reply(result, request_id)
+    }
+
     async fn create_service_account(
         &self,
         request: Request<CreateServiceAccountRequest>,

@@ -582,3 +582,129 @@ async fn invitations_go_by_mail() {
     assert_ne!(w.p.mailed_token("second.invitee@socle.test", "/invitation").unwrap(), first_link);
     let _ = user;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn service_accounts_are_listed_updated_disabled_and_deleted_with_their_grants() {
+    let w = World::new().await;
+    let (admin_b, admin_b_token) = w.p.user_with_password("admin.b.sa@socle.test", &w.branch_b).await.unwrap();
+    w.grant(admin_b, "entity_admin", &w.branch_b, "GRANT_SCOPE_SUBTREE").await;
+    let create = |entity: &str, name: &str, display: &str| {
+        json!({ "requestId": Uuid::new_v4().to_string(),
+                "serviceAccount": { "entityId": entity, "name": name, "displayName": display } })
+    };
+    let (status, site) = w
+        .admin(Method::POST, "/api/v1/service-accounts", Some(create(&w.branch_a, "site-web-a", "Site Web Élysée")))
+        .await;
+    assert_eq!(status, 200, "{site}");
+    let (_, other) =
+        w.admin(Method::POST, "/api/v1/service-accounts", Some(create(&w.branch_b, "import-b", "Import B"))).await;
+    let id = site["serviceAccount"]["id"].as_str().unwrap().to_owned();
+    let (client_id, secret) = (site["serviceAccount"]["clientId"].clone(), site["clientSecret"].clone());
+    let (status, _) = w
+        .admin(
+            Method::POST,
+            "/api/v1/grants",
+            Some(json!({ "requestId": Uuid::new_v4().to_string(),
+                         "grant": { "principal": { "kind": "ACTOR_KIND_SERVICE_ACCOUNT", "id": id },
+                                    "roleId": w.role("viewer"), "entityId": w.branch_a, "scope": "GRANT_SCOPE_SUBTREE" } })),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let issue = || {
+        let p = &w.p;
+        let body = json!({ "clientId": client_id, "clientSecret": secret });
+        async move { p.call(None, Method::POST, "/api/v1/service-accounts:issueToken", None, Some(body)).await.unwrap().0 }
+    };
+    assert_eq!(issue().await, 200);
+
+    // Lists: by entity, subtree, text without accents, pages by name.
+    let names = |v: &Value| -> Vec<String> {
+        v["serviceAccounts"]
+            .as_array()
+            .map(|a| a.iter().map(|s| s["name"].as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default()
+    };
+    let (status, listed) =
+        w.admin(Method::GET, &format!("/api/v1/service-accounts?entityId={}", w.branch_a), None).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(names(&listed), ["site-web-a"]);
+    let (_, all) = w
+        .admin(
+            Method::GET,
+            &format!("/api/v1/service-accounts?entityId={}&includeDescendants=true&pageSize=1", w.region),
+            None,
+        )
+        .await;
+    assert_eq!(names(&all), ["import-b"]);
+    let token = all["nextPageToken"].as_str().unwrap();
+    let (_, rest) = w
+        .admin(
+            Method::GET,
+            &format!(
+                "/api/v1/service-accounts?entityId={}&includeDescendants=true&pageSize=1&pageToken={}",
+                w.region,
+                encode(token)
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(names(&rest), ["site-web-a"]);
+    let (_, found) = w
+        .admin(
+            Method::GET,
+            &format!("/api/v1/service-accounts?entityId={}&includeDescendants=true&query=elysee", w.region),
+            None,
+        )
+        .await;
+    assert_eq!(names(&found), ["site-web-a"]);
+    let (_, of_b) = w
+        .as_user(
+            &admin_b_token,
+            Method::GET,
+            &format!("/api/v1/service-accounts?entityId={}&includeDescendants=true", w.branch_b),
+            &w.branch_b,
+            None,
+        )
+        .await;
+    assert_eq!(names(&of_b), ["import-b"]);
+
+    // Updates under the etag; a disabled account gets no token.
+    let path = format!("/api/v1/service-accounts/{id}");
+    let etag = site["serviceAccount"]["etag"].clone();
+    let (status, updated) = w
+        .admin(
+            Method::PATCH,
+            &path,
+            Some(json!({ "serviceAccount": { "description": "Formulaire de contact", "disabled": true },
+                         "updateMask": "description,disabled", "etag": etag })),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["serviceAccount"]["disabled"], true);
+    assert_eq!(issue().await, 401);
+    let stale = json!({ "serviceAccount": { "disabled": false }, "updateMask": "disabled", "etag": etag });
+    assert_eq!(w.admin(Method::PATCH, &path, Some(stale)).await.0, 412);
+    let (_, enabled) = w
+        .admin(
+            Method::PATCH,
+            &path,
+            Some(json!({ "serviceAccount": { "disabled": false }, "updateMask": "disabled",
+                         "etag": updated["serviceAccount"]["etag"] })),
+        )
+        .await;
+    assert_eq!(enabled["serviceAccount"]["disabled"].as_bool().unwrap_or(false), false);
+    assert_eq!(issue().await, 200);
+    let name_change =
+        json!({ "serviceAccount": { "name": "x" }, "updateMask": "name", "etag": enabled["serviceAccount"]["etag"] });
+    assert_eq!(w.admin(Method::PATCH, &path, Some(name_change)).await.0, 400);
+
+    // Deletion: another branch's administrator cannot; the account's grants go with it.
+    assert_eq!(w.as_user(&admin_b_token, Method::DELETE, &path, &w.branch_b, None).await.0, 404);
+    let (status, deleted) = w.admin(Method::DELETE, &path, None).await;
+    assert_eq!(status, 200, "{deleted}");
+    let (_, grants) = w.admin(Method::GET, &format!("/api/v1/grants?principalId={id}"), None).await;
+    assert!(grants["grants"].as_array().is_none_or(|g| g.is_empty()), "{grants}");
+    assert_eq!(issue().await, 401);
+    assert_eq!(w.admin(Method::GET, &path, None).await.0, 404);
+    let _ = other;
+}
