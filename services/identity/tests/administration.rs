@@ -692,7 +692,7 @@ async fn service_accounts_are_listed_updated_disabled_and_deleted_with_their_gra
                          "etag": updated["serviceAccount"]["etag"] })),
         )
         .await;
-    assert_eq!(enabled["serviceAccount"]["disabled"].as_bool().unwrap_or(false), false);
+    assert!(!enabled["serviceAccount"]["disabled"].as_bool().unwrap_or(false));
     assert_eq!(issue().await, 200);
     let name_change =
         json!({ "serviceAccount": { "name": "x" }, "updateMask": "name", "etag": enabled["serviceAccount"]["etag"] });
