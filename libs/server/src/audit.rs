@@ -24,7 +24,7 @@ use socle_db::{Database, EntityScope};
 use socle_errors::{Code, Error};
 use socle_outbox::{AuditEvent, Sink};
 use socle_proto::socle::{
-    audit::v1::{AppendEventsRequest, Outcome, audit_event_service_client::AuditEventServiceClient},
+    audit::v1::{AppendEventsRequest, FieldChange, Outcome, audit_event_service_client::AuditEventServiceClient},
     r#type::v1::{ActorKind, ActorRef},
 };
 use tonic::transport::Channel;
@@ -190,6 +190,85 @@ pub fn event(service: &'static str, action: &str, outcome: Outcome) -> AuditEven
     }
 }
 
+/// Fields that change on every write and say nothing about the change.
+const UNAUDITED_FIELDS: &[&str] = &["etag", "update_time", "create_time"];
+
+/// An event recording that the resource `resource_type`/`resource_id` of
+/// `entity` changed from `before` to `after` (either absent for a creation
+/// or a deletion), with one [`FieldChange`] per top-level field that
+/// differs, by proto field name. Fields named in `personal` are marked as
+/// personal data of `subject` (the audit store seals them per subject).
+#[allow(clippy::too_many_arguments)]
+pub fn change<M: prost::Message + prost::Name>(
+    service: &'static str,
+    action: &str,
+    resource_type: &str,
+    resource_id: &str,
+    entity: &str,
+    before: Option<&M>,
+    after: Option<&M>,
+    personal: &[&str],
+    subject: &str,
+) -> AuditEvent {
+    let mut event = event(service, action, Outcome::Ok);
+    event.entity_id = entity.to_owned();
+    event.resource_type = resource_type.to_owned();
+    event.resource_id = resource_id.to_owned();
+    let (before, after) = (before.map(fields_of), after.map(fields_of));
+    let empty = serde_json::Map::new();
+    let (b, a) = (before.as_ref().unwrap_or(&empty), after.as_ref().unwrap_or(&empty));
+    let mut names: Vec<&String> = b.keys().chain(a.keys()).collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        if UNAUDITED_FIELDS.contains(&name.as_str()) || b.get(name) == a.get(name) {
+            continue;
+        }
+        let personal_data = personal.contains(&name.as_str());
+        event.changes.push(FieldChange {
+            field_path: name.clone(),
+            before: before.as_ref().and_then(|_| b.get(name)).map(to_value),
+            after: after.as_ref().and_then(|_| a.get(name)).map(to_value),
+            personal_data,
+            subject_id: if personal_data { subject.to_owned() } else { String::new() },
+            ..FieldChange::default()
+        });
+    }
+    event
+}
+
+/// The message's set fields as proto3 JSON values keyed by proto field name.
+fn fields_of<M: prost::Message + prost::Name>(message: &M) -> serde_json::Map<String, serde_json::Value> {
+    let Some(descriptor) = socle_proto::descriptor_pool().get_message_by_name(&M::full_name()) else {
+        return serde_json::Map::new();
+    };
+    let Ok(dynamic) = prost_reflect::DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice()) else {
+        return serde_json::Map::new();
+    };
+    let options = prost_reflect::SerializeOptions::new().use_proto_field_name(true);
+    match dynamic.serialize_with_options(serde_json::value::Serializer, &options) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
+fn to_value(json: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match json {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(items) => {
+            Kind::ListValue(prost_types::ListValue { values: items.iter().map(to_value).collect() })
+        }
+        serde_json::Value::Object(map) => Kind::StructValue(prost_types::Struct {
+            fields: map.iter().map(|(k, v)| (k.clone(), to_value(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
 /// The audit action of a call: `<package>.<method in snake case>`, e.g.
 /// `/socle.tenancy.v1.GrantService/DeleteGrant` → `tenancy.delete_grant`.
 pub fn action_of(rpc: &str) -> String {
@@ -252,7 +331,13 @@ impl GrpcSink {
 impl Sink for GrpcSink {
     fn append(&self, events: Vec<AuditEvent>) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
+            // The layer checks `audit.events.append` on the entity the call
+            // names; the audit service checks every other entity of the batch.
+            let entity = events.first().map(|e| e.entity_id.clone()).unwrap_or_default();
             let mut request = tonic::Request::new(AppendEventsRequest { events });
+            if let Ok(entity) = entity.parse() {
+                request.metadata_mut().insert("x-socle-entity", entity);
+            }
             if let Some(token) = &self.token {
                 use socle_config::ExposeSecret;
                 let bearer = format!("Bearer {}", token.get().await?.expose_secret());
@@ -279,6 +364,50 @@ mod tests {
     fn actions_are_named_after_the_rpc() {
         assert_eq!(action_of("/socle.tenancy.v1.GrantService/DeleteGrant"), "tenancy.delete_grant");
         assert_eq!(action_of("/socle.identity.v1.UserService/GetUser"), "identity.get_user");
+    }
+
+    #[test]
+    fn a_change_lists_the_fields_that_differ_and_marks_personal_ones() {
+        use socle_proto::socle::tenancy::v1::Entity;
+        let before = Entity {
+            id: "e".into(),
+            display_name: "Lyon".into(),
+            email: "a@x.fr".into(),
+            etag: "1".into(),
+            ..Default::default()
+        };
+        let after = Entity {
+            display_name: "Lyon Métropole".into(),
+            email: "b@x.fr".into(),
+            etag: "2".into(),
+            ..before.clone()
+        };
+        let event = change(
+            "tenancy",
+            "tenancy.entities.update",
+            "tenancy.entity",
+            "e",
+            "e",
+            Some(&before),
+            Some(&after),
+            &["email"],
+            "e",
+        );
+        let fields: Vec<_> = event.changes.iter().map(|c| (c.field_path.as_str(), c.personal_data)).collect();
+        assert_eq!(fields, vec![("display_name", false), ("email", true)]);
+        let created = change::<Entity>(
+            "tenancy",
+            "tenancy.entities.create",
+            "tenancy.entity",
+            "e",
+            "e",
+            None,
+            Some(&after),
+            &[],
+            "",
+        );
+        assert!(created.changes.iter().all(|c| c.before.is_none() && c.after.is_some()));
+        assert!(created.changes.iter().any(|c| c.field_path == "display_name"));
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Small helpers shared by the tenancy handlers.
 
-use diesel::{QueryableByName, sql_types::BigInt};
+use diesel::{
+    QueryableByName,
+    sql_types::{BigInt, Uuid as SqlUuid},
+};
 use tonic::Request;
 
 /// A `count(*) AS n` row.
@@ -9,6 +12,14 @@ pub struct Count {
     /// The count.
     #[diesel(sql_type = BigInt)]
     pub n: i64,
+}
+
+/// An `id` row.
+#[derive(QueryableByName)]
+pub struct Id {
+    /// The id.
+    #[diesel(sql_type = SqlUuid)]
+    pub id: uuid::Uuid,
 }
 
 pub use socle_api::{from_timestamp, timestamp};

@@ -287,7 +287,9 @@ pub async fn ensure_root(db: &Database, display_name: &str, code: &str, slug: &s
             let id = Uuid::now_v7();
             insert(conn, id, None, &root).await?;
             bump_policy(conn).await?;
-            Ok(require(conn, id, false).await?.to_proto())
+            let created = require(conn, id, false).await?.to_proto();
+            record(conn, "tenancy.entities.create", None, &created).await?;
+            Ok(created)
         })
     })
     .await
@@ -312,6 +314,29 @@ impl EntityApi {
     ) -> Result<R, Error> {
         self.db.transaction(&EntityScope::System, body).await
     }
+}
+
+/// Writes the audit event of a change of `after` in the transaction. The
+/// entity's contact e-mail and phone are not personal data (they are the
+/// organisation's), so nothing is sealed.
+async fn record(
+    conn: &mut AsyncPgConnection,
+    action: &str,
+    before: Option<&Entity>,
+    after: &Entity,
+) -> Result<(), Error> {
+    let event = socle_server::audit::change(
+        crate::NAME,
+        action,
+        "tenancy.entity",
+        &after.id,
+        &after.id,
+        before,
+        Some(after),
+        &[],
+        "",
+    );
+    socle_outbox::enqueue(conn, &event).await
 }
 
 /// Filters of a list call, in a stable text form (page token fingerprint).
@@ -357,7 +382,9 @@ impl EntityService for EntityApi {
                     }
                     insert(conn, id, Some(parent), &entity).await?;
                     bump_policy(conn).await?;
-                    Ok(require(conn, id, false).await?.to_proto())
+                    let created = require(conn, id, false).await?.to_proto();
+                    record(conn, "tenancy.entities.create", None, &created).await?;
+                    Ok(created)
                 })
             })
             .await
@@ -569,7 +596,9 @@ impl EntityService for EntityApi {
                     .execute(conn)
                     .await
                     .map_err(|e| conflict(e.into()))?;
-                    Ok(require(conn, id, false).await?.to_proto())
+                    let updated = require(conn, id, false).await?.to_proto();
+                    record(conn, "tenancy.entities.update", Some(&current.to_proto()), &updated).await?;
+                    Ok(updated)
                 })
             })
             .await
@@ -653,7 +682,9 @@ impl EntityService for EntityApi {
                             .await
                             .map_err(DbError::from)?;
                     bump_policy(conn).await?;
-                    Ok((require(conn, id, false).await?.to_proto(), moved.n as i32))
+                    let after = require(conn, id, false).await?.to_proto();
+                    record(conn, "tenancy.entities.move", Some(&current.to_proto()), &after).await?;
+                    Ok((after, moved.n as i32))
                 })
             })
             .await
@@ -708,7 +739,9 @@ impl EntityService for EntityApi {
                     .await
                     .map_err(DbError::from)?;
                     bump_policy(conn).await?;
-                    Ok((require(conn, id, false).await?.to_proto(), archived as i32))
+                    let after = require(conn, id, false).await?.to_proto();
+                    record(conn, "tenancy.entities.archive", Some(&current.to_proto()), &after).await?;
+                    Ok((after, archived as i32))
                 })
             })
             .await
@@ -757,7 +790,9 @@ impl EntityService for EntityApi {
                     .await
                     .map_err(DbError::from)?;
                     bump_policy(conn).await?;
-                    Ok(require(conn, id, false).await?.to_proto())
+                    let after = require(conn, id, false).await?.to_proto();
+                    record(conn, "tenancy.entities.unarchive", Some(&current.to_proto()), &after).await?;
+                    Ok(after)
                 })
             })
             .await

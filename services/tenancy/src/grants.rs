@@ -144,11 +144,12 @@ pub async fn bootstrap_grant(
             .await
             .map_err(DbError::from)?;
             if exists.n == 0 {
+                let id = Uuid::now_v7();
                 diesel::sql_query(
                     "INSERT INTO grants (id, entity_id, principal_kind, principal_id, role_id, scope, reason)
                      SELECT $1, $2, $3, $4, r.id, $6, 'bootstrap' FROM roles r WHERE r.name = $5 AND r.entity_id IS NULL",
                 )
-                .bind::<SqlUuid, _>(Uuid::now_v7())
+                .bind::<SqlUuid, _>(id)
                 .bind::<SqlUuid, _>(entity)
                 .bind::<SmallInt, _>(principal_kind)
                 .bind::<SqlUuid, _>(principal_id)
@@ -158,6 +159,8 @@ pub async fn bootstrap_grant(
                 .await
                 .map_err(DbError::from)?;
                 bump_policy(conn).await?;
+                let created = require(conn, id).await?.to_proto();
+                record(conn, "tenancy.grants.create", None, Some(&created)).await?;
             }
             Ok(())
         })
@@ -177,6 +180,29 @@ impl GrantApi {
     pub fn new(db: Database) -> Self {
         GrantApi { access: crate::access::LocalAccessCheck::new(db.clone()), db }
     }
+}
+
+/// Writes the audit event of a grant created or deleted, on the chain of
+/// the grant's entity, in the transaction.
+async fn record(
+    conn: &mut AsyncPgConnection,
+    action: &str,
+    before: Option<&Grant>,
+    after: Option<&Grant>,
+) -> Result<(), Error> {
+    let grant = after.or(before).expect("a grant");
+    let event = socle_server::audit::change(
+        crate::NAME,
+        action,
+        "tenancy.grant",
+        &grant.id,
+        &grant.entity_id,
+        before,
+        after,
+        &[],
+        "",
+    );
+    socle_outbox::enqueue(conn, &event).await
 }
 
 #[tonic::async_trait]
@@ -272,7 +298,9 @@ impl GrantService for GrantApi {
                         .await
                         .map_err(DbError::from)?;
                         bump_policy(conn).await?;
-                        Ok(require(conn, id).await?.to_proto())
+                        let created = require(conn, id).await?.to_proto();
+                        record(conn, "tenancy.grants.create", None, Some(&created)).await?;
+                        Ok(created)
                     })
                 })
                 .await
@@ -429,7 +457,7 @@ impl GrantService for GrantApi {
             self.db
                 .transaction(&EntityScope::System, move |conn| {
                     Box::pin(async move {
-                        require(conn, id).await?;
+                        let deleted = require(conn, id).await?.to_proto();
                         check_etag(&etag_given, 1, false)?;
                         diesel::sql_query("DELETE FROM grants WHERE id = $1")
                             .bind::<SqlUuid, _>(id)
@@ -437,6 +465,7 @@ impl GrantService for GrantApi {
                             .await
                             .map_err(DbError::from)?;
                         bump_policy(conn).await?;
+                        record(conn, "tenancy.grants.delete", Some(&deleted), None).await?;
                         Ok(())
                     })
                 })
@@ -494,6 +523,17 @@ impl GrantService for GrantApi {
                                     "the principal holds grants on entities where you lack `tenancy.principals.purge`: nothing was deleted",
                                 ));
                             }
+                        }
+                        let held: Vec<crate::common::Id> =
+                            diesel::sql_query("SELECT id FROM grants WHERE principal_kind = $1 AND principal_id = $2")
+                                .bind::<SmallInt, _>(kind)
+                                .bind::<SqlUuid, _>(who)
+                                .load(conn)
+                                .await
+                                .map_err(DbError::from)?;
+                        for grant in &held {
+                            let grant = require(conn, grant.id).await?.to_proto();
+                            record(conn, "tenancy.grants.purge", Some(&grant), None).await?;
                         }
                         let deleted = diesel::sql_query("DELETE FROM grants WHERE principal_kind = $1 AND principal_id = $2")
                             .bind::<SmallInt, _>(kind)

@@ -297,6 +297,29 @@ impl RoleApi {
     }
 }
 
+/// Writes the audit event of a custom role created, changed or deleted, on
+/// the chain of the role's entity, in the transaction.
+async fn record(
+    conn: &mut AsyncPgConnection,
+    action: &str,
+    before: Option<&Role>,
+    after: Option<&Role>,
+) -> Result<(), Error> {
+    let role = after.or(before).expect("a role");
+    let event = socle_server::audit::change(
+        crate::NAME,
+        action,
+        "tenancy.role",
+        &role.id,
+        &role.entity_id,
+        before,
+        after,
+        &[],
+        "",
+    );
+    socle_outbox::enqueue(conn, &event).await
+}
+
 #[tonic::async_trait]
 impl RoleService for RoleApi {
     async fn create_role(&self, request: Request<CreateRoleRequest>) -> Result<Response<CreateRoleResponse>, Status> {
@@ -334,7 +357,9 @@ impl RoleService for RoleApi {
                         .await
                         .map_err(|e| conflict(e.into()))?;
                         bump_policy(conn).await?;
-                        Ok(require(conn, id, false).await?.to_proto())
+                        let created = require(conn, id, false).await?.to_proto();
+                        record(conn, "tenancy.roles.create", None, Some(&created)).await?;
+                        Ok(created)
                     })
                 })
                 .await
@@ -432,6 +457,7 @@ impl RoleService for RoleApi {
                         if current.built_in {
                             return Err(Error::new(Code::FailedPrecondition, "built-in roles cannot be changed"));
                         }
+                        let before = current.to_proto();
                         check_etag(&etag_given, current.version, true)?;
                         let display_name = if mask.contains("display_name") {
                             new.display_name.trim().to_owned()
@@ -459,7 +485,9 @@ impl RoleService for RoleApi {
                         .await
                         .map_err(DbError::from)?;
                         bump_policy(conn).await?;
-                        Ok(require(conn, id, false).await?.to_proto())
+                        let after = require(conn, id, false).await?.to_proto();
+                        record(conn, "tenancy.roles.update", Some(&before), Some(&after)).await?;
+                        Ok(after)
                     })
                 })
                 .await
@@ -501,6 +529,7 @@ impl RoleService for RoleApi {
                             .await
                             .map_err(DbError::from)?;
                         bump_policy(conn).await?;
+                        record(conn, "tenancy.roles.delete", Some(&current.to_proto()), None).await?;
                         Ok(())
                     })
                 })
