@@ -84,7 +84,13 @@ pub async fn ensure_service_account(
             let row: Id = diesel::sql_query(
                 "INSERT INTO service_accounts (id, entity_id, name, display_name, client_id, secret_hash)
                  VALUES ($1, $2, $3, $3, $4, $5)
-                 ON CONFLICT (client_id) DO UPDATE SET secret_hash = EXCLUDED.secret_hash
+                 ON CONFLICT (client_id) DO UPDATE
+                    SET secret_hash = EXCLUDED.secret_hash,
+                        secret_create_time = CASE WHEN service_accounts.secret_hash = EXCLUDED.secret_hash
+                                                  THEN service_accounts.secret_create_time ELSE now() END,
+                        previous_secret_hash = NULL, previous_secret_expire_time = NULL,
+                        version = service_accounts.version + (service_accounts.secret_hash <> EXCLUDED.secret_hash)::int,
+                        update_time = now()
                  RETURNING id",
             )
             .bind::<SqlUuid, _>(Uuid::now_v7())

@@ -18,16 +18,24 @@ pub async fn bootstrap_root(config: ServiceConfig, secrets: SecretResolver, args
     Ok(())
 }
 
-/// `socle-tenancy bootstrap-grant <user-id> <built-in-role> [<entity-id>]`:
-/// grants a built-in role to a user on an entity's subtree (the root by
-/// default) — the first administrator's, before anyone can call the API.
+/// `socle-tenancy bootstrap-grant [--service-account] <principal-id> <built-in-role> [<entity-id>]`:
+/// grants a built-in role to a user (or, with `--service-account`, to a
+/// service account) on an entity's subtree (the root by default) — the
+/// first administrator's and the platform's service accounts', before
+/// anyone can call the API.
 pub async fn bootstrap_grant(config: ServiceConfig, secrets: SecretResolver, args: Vec<String>) -> anyhow::Result<()> {
+    let (kind, args) = match args.split_first() {
+        Some((flag, rest)) if flag == "--service-account" => (2i16, rest.to_vec()),
+        _ => (1i16, args),
+    };
     let (user, role, entity) = match args.as_slice() {
         [user, role] => (user, role, None),
         [user, role, entity] => (user, role, Some(entity)),
-        _ => anyhow::bail!("usage: socle-tenancy bootstrap-grant <user-id> <built-in-role> [<entity-id>]"),
+        _ => anyhow::bail!(
+            "usage: socle-tenancy bootstrap-grant [--service-account] <principal-id> <built-in-role> [<entity-id>]"
+        ),
     };
-    let user = Uuid::parse_str(user).map_err(|_| anyhow::anyhow!("`{user}` is not a user id"))?;
+    let user = Uuid::parse_str(user).map_err(|_| anyhow::anyhow!("`{user}` is not a principal id"))?;
     let database = socle_server::open_database(&config.database, &secrets, crate::MIGRATIONS).await?;
     crate::roles::ensure_built_in(&database).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let entity = match entity {
@@ -42,7 +50,7 @@ pub async fn bootstrap_grant(config: ServiceConfig, secrets: SecretResolver, arg
     if !crate::roles::catalogue_role_exists(role) {
         anyhow::bail!("`{role}` is not a built-in role");
     }
-    crate::bootstrap_grant(&database, 1, user, role, entity, GrantScope::Subtree)
+    crate::bootstrap_grant(&database, kind, user, role, entity, GrantScope::Subtree)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("granted {role} on {entity} (subtree) to {user}");

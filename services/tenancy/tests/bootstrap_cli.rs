@@ -64,6 +64,21 @@ async fn the_first_administrator_is_granted_by_a_command() {
     .unwrap();
     assert_eq!(rows.iter().map(|r| r.role.as_str()).collect::<Vec<_>>(), ["national_admin"], "granted once");
 
+    // A platform service account (identity's deletes grants, so it holds identity_service).
+    let account = uuid::Uuid::new_v4().to_string();
+    run(&config, &["bootstrap-grant", "--service-account", &account, "identity_service"]);
+    #[derive(QueryableByName)]
+    struct Kind {
+        #[diesel(sql_type = diesel::sql_types::SmallInt)]
+        principal_kind: i16,
+    }
+    let kinds: Vec<Kind> =
+        diesel::sql_query(format!("SELECT principal_kind FROM grants WHERE principal_id = '{account}'"))
+            .load(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(kinds.iter().map(|k| k.principal_kind).collect::<Vec<_>>(), [2], "granted to a service account");
+
     let refused = Command::new(env!("CARGO_BIN_EXE_socle-tenancy"))
         .args(["bootstrap-grant", &admin, "superuser"])
         .env_clear()
