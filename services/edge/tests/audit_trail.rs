@@ -148,3 +148,64 @@ async fn changes_and_denied_decisions_reach_the_audit_trail_through_the_outbox()
         assert_eq!(verdict["status"], "CHAIN_STATUS_OK", "{verdict}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sign_in_failures_locks_successes_and_refresh_reuse_are_audited_on_the_home_entity() {
+    let p = SecurePlatform::start().await.unwrap();
+    let branch = create_entity(&p, &p.root, "ENTITY_KIND_BRANCH", "BRANCH-L").await;
+    let (user, _) = p.user_with_password("camille@socle.test", &branch).await.unwrap();
+    let login = |password: &'static str| {
+        let p = &p;
+        async move {
+            p.call(
+                None,
+                Method::POST,
+                "/api/v1/auth:login",
+                None,
+                Some(json!({ "email": "Camille@socle.test", "password": password })),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    // Five wrong passwords from one address start a lock.
+    for _ in 0..socle_identity::throttle::PAIR_THRESHOLD {
+        let (status, body) = login("pas le bon mot de passe").await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let failed = wait_for_event(&p, &branch, |e| e["action"] == "identity.auth.login_failed").await;
+    assert_eq!(failed["outcome"], "OUTCOME_DENIED");
+    assert_eq!(failed["actor"]["id"], user.to_string());
+    assert_eq!(failed["reason"], "bad_password");
+    assert!(!failed["clientAddress"].as_str().unwrap().is_empty(), "{failed}");
+    let locked = wait_for_event(&p, &branch, |e| e["action"] == "identity.auth.locked").await;
+    assert_eq!(locked["details"]["lock_scope"], "pair", "{locked}");
+
+    // Lift the lock as the administrator, then sign in and reuse a refresh token.
+    let (status, body) = p
+        .call(
+            Some(&p.admin_token),
+            Method::POST,
+            &format!("/api/v1/users/{user}:unlock"),
+            Some(&p.root),
+            Some(json!({})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, session) = login(socle_testkit::secure::TEST_PASSWORD).await;
+    assert_eq!(status, 200, "{session}");
+    let refresh = session["tokens"]["refreshToken"].as_str().unwrap().to_owned();
+    let signed_in = wait_for_event(&p, &branch, |e| e["action"] == "identity.auth.login").await;
+    assert_eq!(signed_in["outcome"], "OUTCOME_OK");
+    for expected in [200, 401] {
+        let (status, body) = p
+            .call(None, Method::POST, "/api/v1/auth:refresh", None, Some(json!({ "refreshToken": refresh })))
+            .await
+            .unwrap();
+        assert_eq!(status, expected, "{body}");
+    }
+    let reused = wait_for_event(&p, &branch, |e| e["action"] == "identity.auth.refresh_reused").await;
+    assert_eq!(reused["outcome"], "OUTCOME_DENIED");
+    assert_eq!(reused["actor"]["id"], user.to_string());
+}

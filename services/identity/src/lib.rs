@@ -7,6 +7,7 @@
 
 pub mod account;
 pub mod administration;
+mod audit;
 pub mod bootstrap;
 pub mod cli;
 pub mod credentials;
@@ -40,6 +41,10 @@ pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
     let database = socle_server::open_database(&ctx.config.database, &ctx.secrets, MIGRATIONS).await?;
     let authorizer = socle_server::authorizer_for(&ctx.config.auth, &ctx.secrets, ctx.authorizer.clone(), None).await?;
     let platform = socle_server::platform_clients(&ctx.config.auth, &ctx.secrets).await?;
+    let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
+        .authorizer(authorizer)
+        .readiness_database(database.clone())
+        .audit(database.clone(), &ctx.config.audit, platform.as_ref())?;
     let mailer = mail::Mailer::from_settings(&ctx.config.auth).map_err(ServerError::Other)?;
     // Mails left queued (a failed or interrupted delivery) go out within 30 s.
     let delivery = {
@@ -52,10 +57,8 @@ pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
             }
         })
     };
-    let identity = service::Identity::new(database.clone(), keys, ctx.config.auth.clone(), platform, mailer);
-    let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
-        .authorizer(authorizer)
-        .readiness_database(database)
+    let identity = service::Identity::new(database, keys, ctx.config.auth.clone(), platform, mailer);
+    let host = host
         .add_service(user_service_server::UserServiceServer::new(identity.clone()))
         .add_service(auth_service_server::AuthServiceServer::new(identity.clone()))
         .add_service(jwks_service_server::JwksServiceServer::new(identity.clone()))

@@ -166,9 +166,14 @@ impl Identity {
         }
         if !self.second_factor(challenge.user_id, code).await? {
             let failure_keys = keys.clone();
+            let user = challenge.user_id;
             self.db()
                 .transaction(&EntityScope::System, move |conn| {
-                    Box::pin(async move { Ok::<_, Error>(throttle::record_failure(conn, &failure_keys).await?) })
+                    Box::pin(async move {
+                        let lock = throttle::record_failure(conn, &failure_keys).await?;
+                        crate::audit::sign_in_failed(conn, user, "bad_second_factor", lock.as_ref()).await?;
+                        Ok::<_, Error>(lock)
+                    })
                 })
                 .await?;
             tracing::info!(outcome = "denied", attempt = challenge.attempts, "login failed: second factor");
@@ -193,7 +198,11 @@ impl Identity {
                         .execute(conn)
                         .await
                         .map_err(DbError::from)?;
-                    open_session(conn, &identity, challenge.user_id, &challenge.user_agent, &challenge.ip_address).await
+                    let tokens =
+                        open_session(conn, &identity, challenge.user_id, &challenge.user_agent, &challenge.ip_address)
+                            .await?;
+                    crate::audit::signed_in(conn, challenge.user_id, true).await?;
+                    Ok::<_, Error>(tokens)
                 })
             })
             .await?;

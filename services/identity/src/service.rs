@@ -702,6 +702,7 @@ impl AuthService for Identity {
             // Always verify (against a dummy hash when needed): timing does
             // not tell whether the account exists.
             let hash = found.as_ref().and_then(|u| u.password_hash.clone());
+            let target = found.as_ref().map(|u| u.id);
             let matches = self.hasher.verify(hash, r.password).await?;
             let user = match found {
                 Some(user) if matches && user.state == UserState::Active as i16 => user,
@@ -710,9 +711,13 @@ impl AuthService for Identity {
                     let lock = self
                         .db
                         .transaction(&EntityScope::System, move |conn| {
-                            Box::pin(
-                                async move { Ok::<_, Error>(throttle::record_failure(conn, &failure_keys).await?) },
-                            )
+                            Box::pin(async move {
+                                let lock = throttle::record_failure(conn, &failure_keys).await?;
+                                if let Some(user) = target {
+                                    crate::audit::sign_in_failed(conn, user, "bad_password", lock.as_ref()).await?;
+                                }
+                                Ok::<_, Error>(lock)
+                            })
                         })
                         .await?;
                     match lock {
@@ -736,11 +741,14 @@ impl AuthService for Identity {
                 }
                 if !self.second_factor(user.id, &r.totp_code).await? {
                     let failure_keys = keys.clone();
+                    let user_id = user.id;
                     self.db
                         .transaction(&EntityScope::System, move |conn| {
-                            Box::pin(
-                                async move { Ok::<_, Error>(throttle::record_failure(conn, &failure_keys).await?) },
-                            )
+                            Box::pin(async move {
+                                let lock = throttle::record_failure(conn, &failure_keys).await?;
+                                crate::audit::sign_in_failed(conn, user_id, "bad_second_factor", lock.as_ref()).await?;
+                                Ok::<_, Error>(lock)
+                            })
                         })
                         .await?;
                     tracing::info!(outcome = "denied", "login failed: second factor");
@@ -758,7 +766,9 @@ impl AuthService for Identity {
                             .execute(conn)
                             .await
                             .map_err(DbError::from)?;
-                        open_session(conn, &identity, user.id, &user_agent, &ip).await
+                        let tokens = open_session(conn, &identity, user.id, &user_agent, &ip).await?;
+                        crate::audit::signed_in(conn, user.id, user.totp_secret.is_some()).await?;
+                        Ok::<_, Error>(tokens)
                     })
                 })
                 .await?;
@@ -820,6 +830,7 @@ impl AuthService for Identity {
                             .execute(conn)
                             .await
                             .map_err(DbError::from)?;
+                            crate::audit::refresh_reused(conn, token.user_id, token.session_id).await?;
                             return Ok(RefreshOutcome::Reused);
                         }
                         if token.revoke_time.is_some() || token.expire_time <= Utc::now() || token.state != UserState::Active as i16 {
