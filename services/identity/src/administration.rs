@@ -13,7 +13,8 @@ use socle_server::Principal;
 use uuid::Uuid;
 
 use crate::{
-    service::{Identity, normalize_email},
+    audit::{self, By},
+    service::{Identity, load_user, normalize_email},
     tokens::{hash_token, new_refresh_token},
 };
 
@@ -32,11 +33,13 @@ impl Identity {
         principal: Option<&Principal>,
         user_id: &str,
         etag: &str,
+        reason: &str,
     ) -> Result<User, Error> {
         let (id, user) = self.managed(principal, user_id).await?;
         let version = etag_version(&user.etag);
         check_etag(etag, version, false)?;
-        self.set_state(id, UserState::Disabled, "account disabled").await?;
+        let details = vec![("reason", audit::text(reason.trim()))];
+        self.set_state(id, UserState::Disabled, "account disabled", "identity.users.disable", details).await?;
         self.user_by_id(user_id).await
     }
 
@@ -55,14 +58,29 @@ impl Identity {
                 "only a disabled account can be re-enabled (an invited one is activated by accepting its invitation)",
             ));
         }
-        self.set_state(id, UserState::Active, "").await?;
+        self.set_state(
+            id,
+            UserState::Active,
+            "",
+            "identity.users.activate",
+            vec![("via", audit::text("administrator"))],
+        )
+        .await?;
         self.user_by_id(user_id).await
     }
 
-    async fn set_state(&self, id: Uuid, state: UserState, revoke_reason: &'static str) -> Result<(), Error> {
+    async fn set_state(
+        &self,
+        id: Uuid,
+        state: UserState,
+        revoke_reason: &'static str,
+        action: &'static str,
+        mut details: Vec<(&'static str, prost_types::Value)>,
+    ) -> Result<(), Error> {
         self.db()
             .transaction(&EntityScope::System, move |conn| {
                 Box::pin(async move {
+                    let before = load_user(conn, id).await?;
                     diesel::sql_query("UPDATE users SET state = $2, version = version + 1, update_time = now() WHERE id = $1")
                         .bind::<SqlUuid, _>(id)
                         .bind::<SmallInt, _>(state as i16)
@@ -70,7 +88,7 @@ impl Identity {
                         .await
                         .map_err(DbError::from)?;
                     if state == UserState::Disabled {
-                        diesel::sql_query(
+                        let revoked = diesel::sql_query(
                             "UPDATE sessions SET revoke_time = now(), revoke_reason = $2 WHERE user_id = $1 AND revoke_time IS NULL",
                         )
                         .bind::<SqlUuid, _>(id)
@@ -78,7 +96,10 @@ impl Identity {
                         .execute(conn)
                         .await
                         .map_err(DbError::from)?;
+                        details.push(("revoked_session_count", audit::number(revoked as i64)));
                     }
+                    let after = load_user(conn, id).await?;
+                    audit::user_changed(conn, action, By::Caller, Some(&before), Some(&after), &details).await?;
                     Ok::<_, Error>(())
                 })
             })
@@ -87,17 +108,29 @@ impl Identity {
 
     /// `UnlockUser`: lifts the account's sign-in locks (every address).
     pub(crate) async fn unlock_user(&self, principal: Option<&Principal>, user_id: &str) -> Result<User, Error> {
-        let (_, user) = self.managed(principal, user_id).await?;
+        let (id, user) = self.managed(principal, user_id).await?;
         let email = normalize_email(&user.email);
         self.db()
             .transaction(&EntityScope::System, move |conn| {
                 Box::pin(async move {
-                    diesel::sql_query("DELETE FROM login_throttle WHERE key = $1 OR starts_with(key, $2)")
+                    let current = load_user(conn, id).await?;
+                    let lifted = diesel::sql_query("DELETE FROM login_throttle WHERE key = $1 OR starts_with(key, $2)")
                         .bind::<Text, _>(format!("account:{email}"))
                         .bind::<Text, _>(format!("pair:{email}|"))
                         .execute(conn)
                         .await
                         .map_err(DbError::from)?;
+                    // Sign-in counters are not part of the account: the event
+                    // has no field change, only how many counters were reset.
+                    audit::user_changed(
+                        conn,
+                        "identity.users.unlock",
+                        By::Caller,
+                        Some(&current),
+                        Some(&current),
+                        &[("counters_reset", audit::number(lifted as i64))],
+                    )
+                    .await?;
                     Ok::<_, Error>(())
                 })
             })
@@ -123,9 +156,11 @@ impl Identity {
         let console = self.settings().console_url.trim_end_matches('/').to_owned();
         let link = format!("{console}/invitation#token={token}");
         let mail = by_mail.then(|| (user.email.clone(), crate::mail::invitation(&user.display_name, &link, expire)));
+        let delivery = if by_mail { "email" } else { "return_link" };
         self.db()
             .transaction(&EntityScope::System, move |conn| {
                 Box::pin(async move {
+                    let before = load_user(conn, id).await?;
                     diesel::sql_query(
                         "UPDATE users SET invitation_hash = $2, invitation_expire_time = $3, version = version + 1, update_time = now()
                           WHERE id = $1 AND state = 1",
@@ -139,6 +174,16 @@ impl Identity {
                     if let Some((to, (subject, body))) = mail {
                         crate::mail::enqueue(conn, Some(id), &to, &subject, &body).await?;
                     }
+                    let after = load_user(conn, id).await?;
+                    audit::user_changed(
+                        conn,
+                        "identity.users.resend_invitation",
+                        By::Caller,
+                        Some(&before),
+                        Some(&after),
+                        &[("delivery", audit::text(delivery))],
+                    )
+                    .await?;
                     Ok::<_, Error>(())
                 })
             })

@@ -6,7 +6,9 @@
 //! typed is personal data of someone who may not be a user).
 //!
 //! Changes to accounts and service accounts are audited by their handlers
-//! with [`socle_server::audit::change`].
+//! with [`user_changed`] and [`service_account_changed`] (built on
+//! [`socle_server::audit::change`]), in the transaction of the change and
+//! never on an idempotent replay.
 
 use diesel::{QueryableByName, sql_types::Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
@@ -14,6 +16,7 @@ use socle_db::DbError;
 use socle_errors::Error;
 use socle_proto::socle::{
     audit::v1::Outcome,
+    identity::v1::{ServiceAccount, User},
     r#type::v1::{ActorKind, ActorRef},
 };
 use uuid::Uuid;
@@ -54,19 +57,8 @@ async fn write(
         event.status_code = "UNAUTHENTICATED".into();
         event.reason = reason.to_owned();
     }
-    if !details.is_empty() {
-        event.details =
-            Some(prost_types::Struct { fields: details.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect() });
-    }
+    with_details(&mut event, details);
     socle_outbox::enqueue(conn, &event).await
-}
-
-fn text(value: &str) -> prost_types::Value {
-    prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(value.to_owned())) }
-}
-
-fn flag(value: bool) -> prost_types::Value {
-    prost_types::Value { kind: Some(prost_types::value::Kind::BoolValue(value)) }
 }
 
 /// A successful sign-in of `user`.
@@ -84,7 +76,7 @@ pub(crate) async fn sign_in_failed(
 ) -> Result<(), Error> {
     write(conn, user, "identity.auth.login_failed", Outcome::Denied, reason, &[]).await?;
     if let Some((scope, seconds)) = lock {
-        let seconds = prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(*seconds as f64)) };
+        let seconds = number(*seconds);
         write(
             conn,
             user,
@@ -109,4 +101,114 @@ pub(crate) async fn refresh_reused(conn: &mut AsyncPgConnection, user: Uuid, ses
         &[("session_id", text(&session.to_string()))],
     )
     .await
+}
+
+/// The resource type of accounts.
+pub(crate) const USER: &str = "identity.user";
+/// The resource type of service accounts.
+pub(crate) const SERVICE_ACCOUNT: &str = "identity.service_account";
+/// The fields of a `User` that are personal data: marked so, with the user
+/// as data subject, the audit store seals their values per person.
+pub(crate) const PERSONAL_FIELDS: &[&str] = &["email", "given_name", "family_name", "display_name"];
+
+/// Who an account event names as actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum By {
+    /// The authorized caller (the system outside a call: operator commands).
+    Caller,
+    /// The account itself: anonymous calls made in its name (accepting an
+    /// invitation, a password reset, a logout with a refresh token).
+    Account,
+}
+
+fn with_details(event: &mut socle_outbox::AuditEvent, details: &[(&str, prost_types::Value)]) {
+    if !details.is_empty() {
+        event.details =
+            Some(prost_types::Struct { fields: details.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect() });
+    }
+}
+
+/// Records a change of an account, from `before` to `after` (either absent
+/// for a creation or a deletion), in the chain of its home entity: the
+/// fields that differ, personal ones marked with the user as subject. A
+/// move between entities is recorded in both chains. The `User` message
+/// carries no credential (no password, hash, token nor TOTP secret), so no
+/// secret can reach the event through it; `details` must hold none either.
+pub(crate) async fn user_changed(
+    conn: &mut AsyncPgConnection,
+    action: &str,
+    by: By,
+    before: Option<&User>,
+    after: Option<&User>,
+    details: &[(&str, prost_types::Value)],
+) -> Result<(), Error> {
+    let Some(user) = after.or(before) else { return Ok(()) };
+    let mut event = socle_server::audit::change(
+        crate::NAME,
+        action,
+        USER,
+        &user.id,
+        &user.entity_id,
+        before,
+        after,
+        PERSONAL_FIELDS,
+        &user.id,
+    );
+    if by == By::Account {
+        event.actor = Some(ActorRef { kind: ActorKind::User as i32, id: user.id.clone(), display_name: String::new() });
+        if event.acting_entity_id.is_empty() {
+            event.acting_entity_id = user.entity_id.clone();
+        }
+    }
+    with_details(&mut event, details);
+    let mut events = vec![event];
+    if let (Some(b), Some(a)) = (before, after)
+        && b.entity_id != a.entity_id
+    {
+        let mut previous_home = events[0].clone();
+        previous_home.id = Uuid::now_v7().to_string();
+        previous_home.entity_id = b.entity_id.clone();
+        events.push(previous_home);
+    }
+    socle_outbox::enqueue_all(conn, &events).await
+}
+
+/// Records a change of a service account (see [`user_changed`]); the
+/// `ServiceAccount` message carries no secret nor secret hash.
+pub(crate) async fn service_account_changed(
+    conn: &mut AsyncPgConnection,
+    action: &str,
+    before: Option<&ServiceAccount>,
+    after: Option<&ServiceAccount>,
+    details: &[(&str, prost_types::Value)],
+) -> Result<(), Error> {
+    let Some(account) = after.or(before) else { return Ok(()) };
+    let mut event = socle_server::audit::change(
+        crate::NAME,
+        action,
+        SERVICE_ACCOUNT,
+        &account.id,
+        &account.entity_id,
+        before,
+        after,
+        &[],
+        "",
+    );
+    with_details(&mut event, details);
+    socle_outbox::enqueue(conn, &event).await
+}
+
+/// A text detail.
+pub(crate) fn text(value: &str) -> prost_types::Value {
+    prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(value.to_owned())) }
+}
+
+/// A boolean detail.
+pub(crate) fn flag(value: bool) -> prost_types::Value {
+    prost_types::Value { kind: Some(prost_types::value::Kind::BoolValue(value)) }
+}
+
+/// A number detail.
+pub(crate) fn number(value: i64) -> prost_types::Value {
+    prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(value as f64)) }
 }

@@ -12,7 +12,9 @@ use socle_errors::Error;
 use uuid::Uuid;
 
 use crate::{
-    service::normalize_email,
+    audit::{self, By},
+    service::{load_user, normalize_email},
+    service_accounts,
     tokens::{hash_token, new_refresh_token},
 };
 
@@ -57,6 +59,17 @@ pub async fn invite_user(
                 .execute(conn)
                 .await
                 .map_err(DbError::from)?;
+                // Outside any call: the system is the actor.
+                let created = load_user(conn, id).await?;
+                audit::user_changed(
+                    conn,
+                    "identity.users.create",
+                    By::Caller,
+                    None,
+                    Some(&created),
+                    &[("via", audit::text("operator"))],
+                )
+                .await?;
                 Ok((id, true))
             })
         })
@@ -81,6 +94,7 @@ pub async fn ensure_service_account(
                 #[diesel(sql_type = SqlUuid)]
                 id: Uuid,
             }
+            let before = service_accounts::load(conn, "client_id = $1", &client_id).await?;
             let row: Id = diesel::sql_query(
                 "INSERT INTO service_accounts (id, entity_id, name, display_name, client_id, secret_hash)
                  VALUES ($1, $2, $3, $3, $4, $5)
@@ -101,6 +115,24 @@ pub async fn ensure_service_account(
             .get_result(conn)
             .await
             .map_err(DbError::from)?;
+            // Outside any call: the system is the actor. Re-running with the
+            // same secret changes nothing and records nothing.
+            let action = match &before {
+                None => "identity.service_accounts.create",
+                Some(previous) if previous.secret_hash != hash => "identity.service_accounts.rotate_secret",
+                Some(_) => return Ok(row.id),
+            };
+            let after = service_accounts::load(conn, "id = $1", &row.id.to_string())
+                .await?
+                .ok_or_else(|| Error::not_found("service account", row.id))?;
+            audit::service_account_changed(
+                conn,
+                action,
+                before.map(|b| b.to_proto()).as_ref(),
+                Some(&after.to_proto()),
+                &[("via", audit::text("operator"))],
+            )
+            .await?;
             Ok(row.id)
         })
     })

@@ -18,9 +18,10 @@ use socle_proto::socle::identity::v1::{ChangePasswordRequest, UserState};
 use uuid::Uuid;
 
 use crate::{
+    audit::{self, By},
     mail,
     passwords::check_policy,
-    service::{Identity, UserKey, normalize_email, user_where},
+    service::{Identity, UserKey, load_user, normalize_email, user_where},
     throttle,
     tokens::{hash_token, new_refresh_token},
 };
@@ -91,6 +92,7 @@ impl Identity {
         self.db()
             .transaction(&EntityScope::System, move |conn| {
                 Box::pin(async move {
+                    let before = load_user(conn, user).await?;
                     diesel::sql_query(
                         "UPDATE users SET password_hash = $2, password_update_time = now(), version = version + 1,
                                 update_time = now()
@@ -110,19 +112,35 @@ impl Identity {
                     .execute(conn)
                     .await
                     .map_err(DbError::from)?;
-                    if !revoke_others {
-                        return Ok::<_, Error>(0);
-                    }
-                    let revoked = diesel::sql_query(
-                        "UPDATE sessions SET revoke_time = now(), revoke_reason = 'password changed'
-                          WHERE user_id = $1 AND revoke_time IS NULL AND ($2::uuid IS NULL OR id <> $2)",
+                    let revoked = if revoke_others {
+                        diesel::sql_query(
+                            "UPDATE sessions SET revoke_time = now(), revoke_reason = 'password changed'
+                              WHERE user_id = $1 AND revoke_time IS NULL AND ($2::uuid IS NULL OR id <> $2)",
+                        )
+                        .bind::<SqlUuid, _>(user)
+                        .bind::<Nullable<SqlUuid>, _>(session)
+                        .execute(conn)
+                        .await
+                        .map_err(DbError::from)?
+                    } else {
+                        0
+                    };
+                    // No password value: the change shows as
+                    // `password_update_time` only.
+                    let after = load_user(conn, user).await?;
+                    audit::user_changed(
+                        conn,
+                        "identity.auth.password_change",
+                        By::Caller,
+                        Some(&before),
+                        Some(&after),
+                        &[
+                            ("revoke_other_sessions", audit::flag(revoke_others)),
+                            ("revoked_session_count", audit::number(revoked as i64)),
+                        ],
                     )
-                    .bind::<SqlUuid, _>(user)
-                    .bind::<Nullable<SqlUuid>, _>(session)
-                    .execute(conn)
-                    .await
-                    .map_err(DbError::from)?;
-                    Ok(revoked as i32)
+                    .await?;
+                    Ok::<_, Error>(revoked as i32)
                 })
             })
             .await
@@ -174,6 +192,18 @@ impl Identity {
                     .map_err(DbError::from)?;
                     let (subject, body) = mail::password_reset(&user.display_name, &url, ttl / 60);
                     mail::enqueue(conn, Some(user.id), &user.email, &subject, &body).await?;
+                    // Recorded only when a link went out, on the account's
+                    // home entity; the caller's answer stays the same.
+                    let account = user.to_proto();
+                    audit::user_changed(
+                        conn,
+                        "identity.auth.password_reset_request",
+                        By::Account,
+                        Some(&account),
+                        Some(&account),
+                        &[],
+                    )
+                    .await?;
                     Ok(None)
                 })
             })
@@ -244,6 +274,7 @@ impl Identity {
                     if spent == 0 {
                         return Err(Error::unauthenticated("the password reset link was already used"));
                     }
+                    let before = load_user(conn, user.id).await?;
                     diesel::sql_query(
                         "UPDATE users SET password_hash = $2, password_update_time = now(), version = version + 1,
                                 update_time = now()
@@ -261,7 +292,7 @@ impl Identity {
                     .execute(conn)
                     .await
                     .map_err(DbError::from)?;
-                    diesel::sql_query(
+                    let revoked = diesel::sql_query(
                         "UPDATE sessions SET revoke_time = now(), revoke_reason = 'password reset'
                           WHERE user_id = $1 AND revoke_time IS NULL",
                     )
@@ -275,7 +306,16 @@ impl Identity {
                         .await
                         .map_err(DbError::from)?;
                     clear_sign_in_locks(conn, &normalize_email(&user.email)).await?;
-                    Ok(())
+                    let after = load_user(conn, user.id).await?;
+                    audit::user_changed(
+                        conn,
+                        "identity.auth.password_reset",
+                        By::Account,
+                        Some(&before),
+                        Some(&after),
+                        &[("revoked_session_count", audit::number(revoked as i64))],
+                    )
+                    .await
                 })
             })
             .await

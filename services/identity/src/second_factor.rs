@@ -15,7 +15,8 @@ use socle_proto::socle::identity::v1::{LoginResponse, LoginStatus};
 use uuid::Uuid;
 
 use crate::{
-    service::{Identity, bad_credentials, open_session},
+    audit::{self, By},
+    service::{Identity, bad_credentials, load_user, open_session},
     throttle,
     tokens::{hash_token, new_refresh_token},
     totp,
@@ -257,6 +258,7 @@ impl Identity {
                         #[diesel(sql_type = Nullable<Timestamptz>)]
                         totp_pending_expire_time: Option<DateTime<Utc>>,
                     }
+                    let before = load_user(conn, user).await?;
                     let pending: Pending = diesel::sql_query(
                         "SELECT totp_pending_secret, totp_pending_expire_time FROM users WHERE id = $1 FOR UPDATE",
                     )
@@ -283,7 +285,10 @@ impl Identity {
                     .execute(conn)
                     .await
                     .map_err(DbError::from)?;
-                    Ok(())
+                    // `totp_enabled` only: never the secret nor the codes.
+                    let after = load_user(conn, user).await?;
+                    audit::user_changed(conn, "identity.second_factor.enable", By::Caller, Some(&before), Some(&after), &[])
+                        .await
                 })
             })
             .await?;
@@ -295,6 +300,7 @@ impl Identity {
         self.db()
             .transaction(&EntityScope::System, move |conn| {
                 Box::pin(async move {
+                    let before = load_user(conn, user).await?;
                     diesel::sql_query(
                         "UPDATE users SET totp_secret = NULL, totp_last_step = NULL, totp_recovery_hashes = '{}',
                                 version = version + 1, update_time = now() WHERE id = $1",
@@ -303,7 +309,16 @@ impl Identity {
                     .execute(conn)
                     .await
                     .map_err(DbError::from)?;
-                    Ok(())
+                    let after = load_user(conn, user).await?;
+                    audit::user_changed(
+                        conn,
+                        "identity.second_factor.disable",
+                        By::Caller,
+                        Some(&before),
+                        Some(&after),
+                        &[],
+                    )
+                    .await
                 })
             })
             .await

@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
+    audit::{By, text},
     keys::KeySet,
     passwords::{Hasher, check_policy},
     throttle,
@@ -171,7 +172,16 @@ impl Identity {
                     if revoked == 0 {
                         return Err(Error::not_found("session", session));
                     }
-                    Ok(())
+                    let account = load_user(conn, user).await?;
+                    crate::audit::user_changed(
+                        conn,
+                        "identity.sessions.revoke",
+                        By::Caller,
+                        Some(&account),
+                        Some(&account),
+                        &[("session_id", text(&session.to_string())), ("reason", text(reason))],
+                    )
+                    .await
                 })
             })
             .await
@@ -344,6 +354,11 @@ pub(crate) async fn user_where(
     }
 }
 
+/// The account `id` as the API shows it, locked for update.
+pub(crate) async fn load_user(conn: &mut AsyncPgConnection, id: Uuid) -> Result<User, Error> {
+    Ok(user_where(conn, "id = $1", UserKey::Id(id)).await?.ok_or_else(|| Error::not_found("user", id))?.to_proto())
+}
+
 pub(crate) enum UserKey {
     Id(Uuid),
     Email(String),
@@ -458,7 +473,7 @@ impl UserService for Identity {
         let request_id = rid(&request);
         let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
-        let result = self.reset_second_factor(principal.as_ref(), &r.user_id).await;
+        let result = self.reset_second_factor(principal.as_ref(), &r.user_id, &r.reason).await;
         reply(result.map(|user| ResetUserSecondFactorResponse { user: Some(user) }), request_id)
     }
 
@@ -469,7 +484,7 @@ impl UserService for Identity {
         let request_id = rid(&request);
         let principal = socle_server::principal_of(&request);
         let r = request.into_inner();
-        let result = Identity::disable_user(self, principal.as_ref(), &r.user_id, &r.etag).await;
+        let result = Identity::disable_user(self, principal.as_ref(), &r.user_id, &r.etag, &r.reason).await;
         reply(result.map(|user| DisableUserResponse { user: Some(user) }), request_id)
     }
 
@@ -615,6 +630,15 @@ impl UserService for Identity {
                             let (subject, body) = crate::mail::invitation(&row.display_name, &invitation_link, expire);
                             crate::mail::enqueue(conn, Some(id), &row.email, &subject, &body).await?;
                         }
+                        crate::audit::user_changed(
+                            conn,
+                            "identity.users.create",
+                            By::Caller,
+                            None,
+                            Some(&row.to_proto()),
+                            &[("invitation_delivery", text(if by_mail { "email" } else { "return_link" }))],
+                        )
+                        .await?;
                         Ok((row, true))
                     })
                 })
@@ -921,6 +945,24 @@ impl AuthService for Identity {
                         .execute(conn)
                         .await
                         .map_err(DbError::from)?;
+                        if revoked > 0 {
+                            // Without a signed-in caller, the refresh token
+                            // speaks for its account.
+                            let account = load_user(conn, target.user_id).await?;
+                            crate::audit::user_changed(
+                                conn,
+                                "identity.auth.logout",
+                                if caller.is_some() { By::Caller } else { By::Account },
+                                Some(&account),
+                                Some(&account),
+                                &[
+                                    ("session_id", text(&target.session_id.to_string())),
+                                    ("all_sessions", crate::audit::flag(all)),
+                                    ("revoked_session_count", crate::audit::number(revoked as i64)),
+                                ],
+                            )
+                            .await?;
+                        }
                         Ok(LogoutResponse { revoked_session_count: revoked as i32 })
                     })
                 })
@@ -984,6 +1026,7 @@ impl AuthService for Identity {
                 .db
                 .transaction(&EntityScope::System, move |conn| {
                     Box::pin(async move {
+                        let before = load_user(conn, user.id).await?;
                         let updated = diesel::sql_query(
                             "UPDATE users SET state = 2, password_hash = $2, password_update_time = now(),
                                     invitation_hash = NULL, invitation_expire_time = NULL, last_login_time = now(),
@@ -999,6 +1042,16 @@ impl AuthService for Identity {
                         if updated == 0 {
                             return Err(Error::unauthenticated("the invitation was already used"));
                         }
+                        let after = load_user(conn, user.id).await?;
+                        crate::audit::user_changed(
+                            conn,
+                            "identity.users.activate",
+                            By::Account,
+                            Some(&before),
+                            Some(&after),
+                            &[("via", text("invitation"))],
+                        )
+                        .await?;
                         open_session(conn, &identity, user.id, &user_agent, &ip).await
                     })
                 })

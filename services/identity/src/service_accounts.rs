@@ -23,12 +23,13 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
+    audit,
     service::Identity,
     tokens::{Subject, hash_token, issue_access, new_refresh_token},
 };
 
 #[derive(Debug, Clone, QueryableByName)]
-struct AccountRow {
+pub(crate) struct AccountRow {
     #[diesel(sql_type = SqlUuid)]
     id: Uuid,
     #[diesel(sql_type = SqlUuid)]
@@ -42,7 +43,7 @@ struct AccountRow {
     #[diesel(sql_type = Text)]
     client_id: String,
     #[diesel(sql_type = Bytea)]
-    secret_hash: Vec<u8>,
+    pub(crate) secret_hash: Vec<u8>,
     #[diesel(sql_type = Timestamptz)]
     secret_create_time: DateTime<Utc>,
     #[diesel(sql_type = Nullable<Bytea>)]
@@ -67,7 +68,7 @@ const SELECT: &str =
    FROM service_accounts";
 
 impl AccountRow {
-    fn to_proto(&self) -> ServiceAccount {
+    pub(crate) fn to_proto(&self) -> ServiceAccount {
         ServiceAccount {
             id: self.id.to_string(),
             entity_id: self.entity_id.to_string(),
@@ -97,7 +98,7 @@ impl AccountRow {
     }
 }
 
-async fn load(conn: &mut AsyncPgConnection, clause: &str, key: &str) -> Result<Option<AccountRow>, DbError> {
+pub(crate) async fn load(conn: &mut AsyncPgConnection, clause: &str, key: &str) -> Result<Option<AccountRow>, DbError> {
     let query = diesel::sql_query(format!("{SELECT} WHERE {clause} FOR UPDATE"));
     let result = match Uuid::parse_str(key) {
         Ok(id) if clause.starts_with("id") => query.bind::<SqlUuid, _>(id).get_result(conn).await,
@@ -298,9 +299,18 @@ impl ServiceAccountService for Identity {
                         .execute(conn)
                         .await
                         .map_err(DbError::from)?;
-                        load(conn, "id = $1", &id.to_string())
+                        let after = load(conn, "id = $1", &id.to_string())
                             .await?
-                            .ok_or_else(|| Error::not_found("service account", id))
+                            .ok_or_else(|| Error::not_found("service account", id))?;
+                        audit::service_account_changed(
+                            conn,
+                            "identity.service_accounts.update",
+                            Some(&current.to_proto()),
+                            Some(&after.to_proto()),
+                            &[],
+                        )
+                        .await?;
+                        Ok::<_, Error>(after)
                     })
                 })
                 .await?;
@@ -348,6 +358,14 @@ impl ServiceAccountService for Identity {
                             .execute(conn)
                             .await
                             .map_err(DbError::from)?;
+                        audit::service_account_changed(
+                            conn,
+                            "identity.service_accounts.delete",
+                            Some(&current.to_proto()),
+                            None,
+                            &[("grants_removed", audit::number(i64::from(removed)))],
+                        )
+                        .await?;
                         Ok::<_, Error>(())
                     })
                 })
@@ -415,6 +433,8 @@ impl ServiceAccountService for Identity {
                             other => other.map_err(DbError::from)?,
                         };
                         let row = load(conn, "id = $1", &id.to_string()).await?.ok_or_else(|| Error::not_found("service account", id))?;
+                        audit::service_account_changed(conn, "identity.service_accounts.create", None, Some(&row.to_proto()), &[])
+                            .await?;
                         Ok((row, true))
                     })
                 })
@@ -488,7 +508,17 @@ impl ServiceAccountService for Identity {
                         .execute(conn)
                         .await
                         .map_err(DbError::from)?;
-                        load(conn, "id = $1", &id.to_string()).await?.ok_or_else(|| Error::not_found("service account", id))
+                        let after = load(conn, "id = $1", &id.to_string()).await?.ok_or_else(|| Error::not_found("service account", id))?;
+                        // The times of the secrets change; no secret nor hash is recorded.
+                        audit::service_account_changed(
+                            conn,
+                            "identity.service_accounts.rotate_secret",
+                            Some(&current.to_proto()),
+                            Some(&after.to_proto()),
+                            &[("previous_secret_grace_seconds", audit::number(grace.num_seconds()))],
+                        )
+                        .await?;
+                        Ok::<_, Error>(after)
                     })
                 })
                 .await?;

@@ -29,7 +29,8 @@ use uuid::Uuid;
 
 use crate::{
     administration::etag_version,
-    service::{Identity, SELECT_USER, UserKey, UserRow, normalize_email, user_where, valid_email},
+    audit::{self, By},
+    service::{Identity, SELECT_USER, UserKey, UserRow, load_user, normalize_email, user_where, valid_email},
 };
 
 /// Fields an administrator may change (`UpdateUser`).
@@ -402,8 +403,10 @@ impl Identity {
                         }
                         other => other.map_err(DbError::from)?,
                     };
-                    let row = user_where(conn, "id = $1", UserKey::Id(id)).await?.ok_or_else(|| Error::not_found("user", id))?;
-                    Ok(row.to_proto())
+                    let after = load_user(conn, id).await?;
+                    audit::user_changed(conn, "identity.users.update", By::Caller, Some(&row.to_proto()), Some(&after), &[])
+                        .await?;
+                    Ok(after)
                 })
             })
             .await
@@ -451,6 +454,17 @@ impl Identity {
                         .execute(conn)
                         .await
                         .map_err(DbError::from)?;
+                    // The values of the deleted account stay in the trail
+                    // sealed only (personal fields, per subject: erasable).
+                    audit::user_changed(
+                        conn,
+                        "identity.users.delete",
+                        By::Caller,
+                        Some(&row.to_proto()),
+                        None,
+                        &[("grants_removed", audit::number(i64::from(removed)))],
+                    )
+                    .await?;
                     Ok::<_, Error>(())
                 })
             })
@@ -465,11 +479,14 @@ impl Identity {
         &self,
         principal: Option<&Principal>,
         user_id: &str,
+        reason: &str,
     ) -> Result<User, Error> {
         let (id, _) = self.managed(principal, user_id).await?;
+        let reason = reason.trim().to_owned();
         self.db()
             .transaction(&EntityScope::System, move |conn| {
                 Box::pin(async move {
+                    let before = load_user(conn, id).await?;
                     diesel::sql_query(
                         "UPDATE users SET totp_secret = NULL, totp_pending_secret = NULL, totp_pending_expire_time = NULL,
                                 totp_last_step = NULL, totp_recovery_hashes = '{}', version = version + 1, update_time = now()
@@ -484,7 +501,7 @@ impl Identity {
                         .execute(conn)
                         .await
                         .map_err(DbError::from)?;
-                    diesel::sql_query(
+                    let revoked = diesel::sql_query(
                         "UPDATE sessions SET revoke_time = now(), revoke_reason = 'second factor reset by an administrator'
                           WHERE user_id = $1 AND revoke_time IS NULL",
                     )
@@ -492,6 +509,16 @@ impl Identity {
                     .execute(conn)
                     .await
                     .map_err(DbError::from)?;
+                    let after = load_user(conn, id).await?;
+                    audit::user_changed(
+                        conn,
+                        "identity.second_factor.reset",
+                        By::Caller,
+                        Some(&before),
+                        Some(&after),
+                        &[("reason", audit::text(&reason)), ("revoked_session_count", audit::number(revoked as i64))],
+                    )
+                    .await?;
                     Ok::<_, Error>(())
                 })
             })
