@@ -51,8 +51,9 @@ async fn grant(p: &SecurePlatform, user: uuid::Uuid, role: &str, entity: &str) -
 
 /// Polls the entity's audit events (read by the national administrator)
 /// until one matches `wanted`: delivery through the outbox is asynchronous.
+/// The deadline is generous because CI runs many tests on two cores.
 async fn wait_for_event(p: &SecurePlatform, entity: &str, wanted: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let (status, body) = p
             .call(
@@ -64,7 +65,9 @@ async fn wait_for_event(p: &SecurePlatform, entity: &str, wanted: impl Fn(&Value
             )
             .await
             .unwrap();
-        assert_eq!(status, 200, "{body}");
+        // 503 is retryable by contract (a loaded machine can exhaust the
+        // audit service's small test pool); anything else is a failure.
+        assert!(status == 200 || status == 503, "{status} {body}");
         if let Some(event) = body["events"].as_array().and_then(|events| events.iter().find(|e| wanted(e))) {
             return event.clone();
         }
