@@ -2,6 +2,10 @@
 //! hashing rate measured in the same run, and `CheckAccess` latency with a
 //! warm cache. Real services, real PostgreSQL (the test kit's), loopback only;
 //! every loop is bounded in time.
+//!
+//! `cargo xtask bench audit`: see [`audit`].
+
+mod audit;
 
 use std::time::{Duration, Instant};
 
@@ -148,6 +152,7 @@ async fn auth() -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("auth") => auth().await,
-        _ => anyhow::bail!("usage: socle-loadtests auth"),
+        Some("audit") => audit::audit().await,
+        _ => anyhow::bail!("usage: socle-loadtests auth|audit"),
     }
 }

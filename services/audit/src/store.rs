@@ -296,13 +296,24 @@ fn time_of(t: &Option<prost_types::Timestamp>) -> DateTime<Utc> {
 
 impl Columns {
     fn push(&mut self, event: &AuditEvent, digest: Vec<u8>) -> Result<(), Error> {
-        let actor = event.actor.clone().unwrap_or_default();
         let changes = event.changes.iter().map(canonical::change_to_json).collect::<Result<Vec<_>, _>>();
         let changes = changes.map_err(Error::internal)?;
         let details = match &event.details {
             Some(d) => canonical::struct_to_json(d).map_err(Error::internal)?,
             None => Json::Object(Default::default()),
         };
+        self.push_encoded(event, canonical::jcs(&Json::Array(changes)), canonical::jcs(&details), digest)
+    }
+
+    /// Adds a row whose `changes` and `details` are already canonical JSON.
+    fn push_encoded(
+        &mut self,
+        event: &AuditEvent,
+        changes: String,
+        details: String,
+        digest: Vec<u8>,
+    ) -> Result<(), Error> {
+        let actor = event.actor.clone().unwrap_or_default();
         self.entity_id.push(Uuid::parse_str(&event.entity_id).map_err(Error::internal)?);
         self.sequence.push(event.sequence);
         self.id.push(Uuid::parse_str(&event.id).map_err(Error::internal)?);
@@ -323,8 +334,8 @@ impl Columns {
         self.client_address.push(event.client_address.clone());
         self.occur_time.push(time_of(&event.occur_time));
         self.record_time.push(time_of(&event.record_time));
-        self.changes.push(canonical::jcs(&Json::Array(changes)));
-        self.details.push(canonical::jcs(&details));
+        self.changes.push(changes);
+        self.details.push(details);
         self.prev_hash.push(event.prev_hash.clone());
         self.hash.push(event.hash.clone());
         self.content_digest.push(digest);
@@ -530,7 +541,7 @@ impl Store {
                     let mut columns = Columns::default();
                     let mut results = Vec::with_capacity(events.len());
                     for (i, (mut event, id)) in events.into_iter().zip(ids).enumerate() {
-                        let digest = content_digest(&event, &subject_keys)?;
+                        let (digest, json) = content_digest(&event, &subject_keys)?;
                         if let Some(found) = existing.get(&id) {
                             if found.content_digest != digest {
                                 return Err(Error::new(
@@ -554,10 +565,18 @@ impl Store {
                         event.record_time = Some(record_time);
                         event.encoding_version = ENCODING_VERSION;
                         seal(&mut event, &subject_keys)?;
-                        event.hash = canonical::event_hash(&event).map_err(Error::internal)?;
+                        let json = finish_canonical(json, &event)?;
+                        let bytes = canonical::jcs(&json);
+                        event.hash =
+                            canonical::chain_hash(&event.prev_hash, bytes.as_bytes()).map_err(Error::internal)?;
                         head.head_sequence = event.sequence;
                         head.head_hash = event.hash.clone();
-                        columns.push(&event, digest)?;
+                        columns.push_encoded(
+                            &event,
+                            canonical::jcs(&json["changes"]),
+                            canonical::jcs(&json["details"]),
+                            digest,
+                        )?;
                         results.push(AppendEventResult {
                             event_id: event.id,
                             sequence: event.sequence,
@@ -1179,7 +1198,7 @@ fn seal(event: &mut AuditEvent, keys: &HashMap<String, (Uuid, SubjectKey)>) -> R
 
 /// What identifies an event's content for redeliveries: its canonical
 /// encoding without what the store adds, personal values by commitment.
-fn content_digest(event: &AuditEvent, keys: &HashMap<String, (Uuid, SubjectKey)>) -> Result<Vec<u8>, Error> {
+fn content_digest(event: &AuditEvent, keys: &HashMap<String, (Uuid, SubjectKey)>) -> Result<(Vec<u8>, Json), Error> {
     let mut copy = event.clone();
     copy.sequence = 0;
     copy.record_time = None;
@@ -1194,8 +1213,24 @@ fn content_digest(event: &AuditEvent, keys: &HashMap<String, (Uuid, SubjectKey)>
             ciphertext: Vec::new(),
             commitment: key.commit(&event.id, &change.field_path, &before, &after),
         });
+        change.before = None;
+        change.after = None;
     }
-    Ok(canonical::sha256(&canonical::canonical(&copy).map_err(Error::internal)?))
+    let json = canonical::canonical_json(&copy).map_err(Error::internal)?;
+    Ok((canonical::sha256(canonical::jcs(&json).as_bytes()), json))
+}
+
+/// The canonical object of a new event, from its digest form: only what
+/// the store added differs (sequence, record time, sealed values), so the
+/// object is patched rather than built again (appends are CPU-bound here).
+fn finish_canonical(mut json: Json, event: &AuditEvent) -> Result<Json, Error> {
+    json["sequence"] = Json::from(event.sequence);
+    let record_time = event.record_time.as_ref().map(canonical::format_time).transpose().map_err(Error::internal)?;
+    json["record_time"] = record_time.map(Json::String).unwrap_or(Json::Null);
+    for (k, change) in event.changes.iter().enumerate().filter(|(_, c)| c.personal_data) {
+        json["changes"][k] = canonical::change_to_json(change).map_err(Error::internal)?;
+    }
+    Ok(json)
 }
 
 /// Decrypts the personal values of events read back: `erased` when the
