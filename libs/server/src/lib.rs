@@ -117,6 +117,13 @@ pub struct AuthSettings {
     pub mail_from: String,
     /// Identity only: how long a password reset link stays valid, in seconds.
     pub password_reset_ttl_secs: u64,
+    /// Identity only: the current AES-256 key (32 bytes, base64) that
+    /// encrypts TOTP secrets at rest, as a secret locator. Unset: identity
+    /// starts but refuses to enrol a second factor.
+    pub totp_encryption_key: Option<socle_config::SecretRef>,
+    /// Identity only: earlier TOTP encryption keys, kept to decrypt (and
+    /// re-encrypt at start-up) secrets sealed before a rotation.
+    pub previous_totp_encryption_keys: Vec<socle_config::SecretRef>,
 }
 
 impl Default for AuthSettings {
@@ -139,6 +146,8 @@ impl Default for AuthSettings {
             mail_directory: None,
             mail_from: "Socle <ne-pas-repondre@socle.local>".into(),
             password_reset_ttl_secs: 30 * 60,
+            totp_encryption_key: None,
+            previous_totp_encryption_keys: Vec::new(),
         }
     }
 }

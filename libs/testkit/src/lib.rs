@@ -200,13 +200,23 @@ pub struct Stopped {
     pub database: TestDatabase,
 }
 
-/// Starts a stopped service again on its address, with its database.
+/// Starts a stopped service again on its address, with its database. Its
+/// secrets file is new: identity gets new signing and TOTP keys.
 pub async fn respawn_service(
     stopped: Stopped,
     adjust: impl FnOnce(&mut ServiceConfig),
 ) -> anyhow::Result<RunningService> {
+    respawn_service_with(stopped, &[], adjust).await
+}
+
+/// Like [`respawn_service`], with extra entries in its secrets file.
+pub async fn respawn_service_with(
+    stopped: Stopped,
+    extra_secrets: &[(&str, String)],
+    adjust: impl FnOnce(&mut ServiceConfig),
+) -> anyhow::Result<RunningService> {
     let listener = TcpListener::bind(stopped.addr).await?;
-    spawn_on_database(stopped.service, listener, stopped.database, &[], adjust).await
+    spawn_on_database(stopped.service, listener, stopped.database, extra_secrets, adjust).await
 }
 
 impl Drop for RunningService {
@@ -266,10 +276,12 @@ async fn spawn_on_database(
     let dir = tempfile::tempdir()?;
     let secrets_file = dir.path().join("secrets.toml");
     let signing_key = socle_identity::keys::SigningKey::generate_pkcs8_base64();
+    let totp_key = socle_identity::totp_keys::TotpKey::generate_base64();
     let mut secrets_text = format!(
-        "db_password = \"{}\"\nsigning_key = \"{}\"\n",
+        "db_password = \"{}\"\nsigning_key = \"{}\"\ntotp_encryption_key = \"{}\"\n",
         database.app_password,
-        socle_config::ExposeSecret::expose_secret(&signing_key)
+        socle_config::ExposeSecret::expose_secret(&signing_key),
+        socle_config::ExposeSecret::expose_secret(&totp_key)
     );
     for (key, value) in extra_secrets {
         secrets_text.push_str(&format!("{key} = \"{value}\"\n"));
@@ -285,6 +297,8 @@ async fn spawn_on_database(
     config.database.max_connections = 4;
     if service == Service::Identity {
         config.auth.signing_key = Some(SecretRef::parse("file:signing_key").map_err(anyhow::Error::msg)?);
+        config.auth.totp_encryption_key =
+            Some(SecretRef::parse("file:totp_encryption_key").map_err(anyhow::Error::msg)?);
     }
     adjust(&mut config);
     config.secrets = SecretsSettings { file: Some(secrets_file.clone()) };

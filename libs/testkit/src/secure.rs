@@ -49,6 +49,15 @@ pub const TEST_PASSWORD: &str = "cheval agrafe batterie correcte";
 impl SecurePlatform {
     /// Starts and bootstraps everything.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[], |_| {}).await
+    }
+
+    /// Like [`SecurePlatform::start`], with extra entries in identity's
+    /// secrets file and its configuration adjusted by `adjust_identity`.
+    pub async fn start_with(
+        identity_secrets: &[(&str, String)],
+        adjust_identity: impl Fn(&mut socle_server::ServiceConfig),
+    ) -> anyhow::Result<Self> {
         let mut listeners = BTreeMap::new();
         for service in Service::ALL {
             listeners.insert(service, TcpListener::bind("127.0.0.1:0").await?);
@@ -69,7 +78,12 @@ impl SecurePlatform {
             credentials.insert(service, (client_id.clone(), secret.clone()));
             let (identity_url, tenancy_url, audit_url) = (identity_url.clone(), tenancy_url.clone(), audit_url.clone());
             let mail_dir = mail_dir.clone();
-            let running = spawn_service_on(service, listener, &[("client_secret", secret)], move |c| {
+            let mut secrets = vec![("client_secret", secret)];
+            if service == Service::Identity {
+                secrets.extend(identity_secrets.iter().cloned());
+            }
+            let adjust_identity = &adjust_identity;
+            let running = spawn_service_on(service, listener, &secrets, move |c| {
                 if service == Service::Identity {
                     c.auth.mail_transport = "directory".into();
                     c.auth.mail_directory = Some(mail_dir.display().to_string());
@@ -84,6 +98,9 @@ impl SecurePlatform {
                 c.audit.poll_interval_ms = 200;
                 c.audit.min_backoff_ms = 50;
                 c.audit.max_backoff_ms = 1000;
+                if service == Service::Identity {
+                    adjust_identity(c);
+                }
             })
             .await?;
             services.insert(service, running);

@@ -72,6 +72,8 @@ impl AccountService for Identity {
         let r = request.into_inner();
         let result = async {
             let (user, _) = caller(principal.as_ref())?;
+            // Refused before the password is checked: a secret is never stored in clear.
+            self.totp_keys().require()?;
             let row = self.check_password(user, r.current_password).await?;
             let (secret, expire) = Identity::enroll_totp(self, user).await?;
             let secret = crate::totp::base32(&secret);

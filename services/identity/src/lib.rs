@@ -20,6 +20,7 @@ pub mod service_accounts;
 pub mod throttle;
 pub mod tokens;
 pub mod totp;
+pub mod totp_keys;
 pub mod users;
 
 use socle_db::{EmbeddedMigrations, embed_migrations};
@@ -38,7 +39,9 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// Runs the service until `ctx.shutdown` resolves.
 pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
     let keys = signing_keys(&ctx.config.auth, &ctx.secrets).await?;
+    let totp_keys = totp_encryption_keys(&ctx.config.auth, &ctx.secrets).await?;
     let database = socle_server::open_database(&ctx.config.database, &ctx.secrets, MIGRATIONS).await?;
+    seal_totp_secrets(&database, &totp_keys).await?;
     let authorizer = socle_server::authorizer_for(&ctx.config.auth, &ctx.secrets, ctx.authorizer.clone(), None).await?;
     let platform = socle_server::platform_clients(&ctx.config.auth, &ctx.secrets).await?;
     let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
@@ -57,7 +60,7 @@ pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
             }
         })
     };
-    let identity = service::Identity::new(database, keys, ctx.config.auth.clone(), platform, mailer);
+    let identity = service::Identity::new(database, keys, totp_keys, ctx.config.auth.clone(), platform, mailer);
     let host = host
         .add_service(user_service_server::UserServiceServer::new(identity.clone()))
         .add_service(auth_service_server::AuthServiceServer::new(identity.clone()))
@@ -85,6 +88,52 @@ async fn signing_keys(
         previous.push(parse(secrets.resolve(locator).await?, false)?);
     }
     Ok(keys::KeySet { current, previous })
+}
+
+/// Resolves the TOTP encryption keys named in `[auth]`. None configured is
+/// allowed: identity then refuses to enrol a second factor.
+async fn totp_encryption_keys(
+    settings: &socle_server::AuthSettings,
+    secrets: &socle_server::SecretResolver,
+) -> Result<std::sync::Arc<totp_keys::TotpKeys>, ServerError> {
+    let parse = |secret, what: &str| {
+        totp_keys::TotpKey::from_base64(&secret).map_err(|e| ServerError::Other(format!("auth.{what}: {e}")))
+    };
+    let current = match &settings.totp_encryption_key {
+        Some(locator) => Some(parse(secrets.resolve(locator).await?, "totp_encryption_key")?),
+        None => None,
+    };
+    let mut previous = Vec::new();
+    for locator in &settings.previous_totp_encryption_keys {
+        previous.push(parse(secrets.resolve(locator).await?, "previous_totp_encryption_keys")?);
+    }
+    let keys = totp_keys::TotpKeys::new(current, previous).map_err(ServerError::Other)?;
+    match keys.current_kid() {
+        Some(kid) => tracing::info!(kid, "TOTP secrets are encrypted with this key"),
+        None => tracing::warn!("auth.totp_encryption_key is not set: second-factor enrolment is refused"),
+    }
+    Ok(std::sync::Arc::new(keys))
+}
+
+/// Start-up: encrypts TOTP secrets left in clear or under a previous key.
+async fn seal_totp_secrets(
+    database: &socle_db::Database,
+    keys: &std::sync::Arc<totp_keys::TotpKeys>,
+) -> Result<(), ServerError> {
+    let done = totp_keys::seal_at_rest(database, keys.clone()).await.map_err(|e| ServerError::Other(e.to_string()))?;
+    let totp_keys::Resealed { encrypted, rekeyed, left_clear, unreadable } = done;
+    tracing::info!(encrypted, rekeyed, "TOTP secrets at rest: clear values encrypted, earlier keys replaced");
+    if left_clear > 0 {
+        tracing::warn!(left_clear, "TOTP secrets remain in clear: set auth.totp_encryption_key");
+    }
+    if unreadable > 0 {
+        tracing::error!(
+            unreadable,
+            "TOTP secrets no configured key decrypts: those people cannot use their second factor until it is reset \
+             or the key is configured again"
+        );
+    }
+    Ok(())
 }
 
 /// Runs the migrations only (`identity migrate`, the deployment job).

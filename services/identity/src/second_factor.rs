@@ -34,13 +34,14 @@ impl Identity {
     /// recovery code of `user`; consumes what it accepts.
     pub(crate) async fn second_factor(&self, user: Uuid, code: &str) -> Result<bool, Error> {
         let code = code.trim().to_owned();
+        let identity = self.clone();
         self.db()
             .transaction(&EntityScope::System, move |conn| {
                 Box::pin(async move {
                     #[derive(QueryableByName)]
                     struct State {
-                        #[diesel(sql_type = Nullable<Bytea>)]
-                        totp_secret: Option<Vec<u8>>,
+                        #[diesel(sql_type = Nullable<Text>)]
+                        totp_secret: Option<String>,
                         #[diesel(sql_type = Nullable<BigInt>)]
                         totp_last_step: Option<i64>,
                     }
@@ -50,7 +51,8 @@ impl Identity {
                             .get_result(conn)
                             .await
                             .map_err(DbError::from)?;
-                    let Some(secret) = state.totp_secret else { return Ok(false) };
+                    let Some(sealed) = state.totp_secret else { return Ok(false) };
+                    let secret = identity.totp_keys().open(user, &sealed)?;
                     if let Some(step) =
                         totp::verify(&secret, &code, totp::step_of(Utc::now().timestamp()), state.totp_last_step)
                     {
@@ -211,10 +213,11 @@ impl Identity {
     }
 
     /// Starts an enrolment: a pending secret, valid 10 minutes.
+    /// The secret is stored encrypted: without a key, `FAILED_PRECONDITION`.
     pub(crate) async fn enroll_totp(&self, user: Uuid) -> Result<(Vec<u8>, DateTime<Utc>), Error> {
         let secret = totp::new_secret();
         let expire = Utc::now() + Duration::minutes(10);
-        let pending = secret.clone();
+        let pending = self.totp_keys().seal(user, &secret)?;
         self.db()
             .transaction(&EntityScope::System, move |conn| {
                 Box::pin(async move {
@@ -222,7 +225,7 @@ impl Identity {
                         "UPDATE users SET totp_pending_secret = $2, totp_pending_expire_time = $3 WHERE id = $1",
                     )
                     .bind::<SqlUuid, _>(user)
-                    .bind::<Bytea, _>(&pending)
+                    .bind::<Text, _>(&pending)
                     .bind::<Timestamptz, _>(expire)
                     .execute(conn)
                     .await
@@ -248,13 +251,14 @@ impl Identity {
             })
             .collect();
         let hashes: Vec<Vec<u8>> = recovery.iter().map(|c| hash_token(c)).collect();
+        let identity = self.clone();
         self.db()
             .transaction(&EntityScope::System, move |conn| {
                 Box::pin(async move {
                     #[derive(QueryableByName)]
                     struct Pending {
-                        #[diesel(sql_type = Nullable<Bytea>)]
-                        totp_pending_secret: Option<Vec<u8>>,
+                        #[diesel(sql_type = Nullable<Text>)]
+                        totp_pending_secret: Option<String>,
                         #[diesel(sql_type = Nullable<Timestamptz>)]
                         totp_pending_expire_time: Option<DateTime<Utc>>,
                     }
@@ -267,19 +271,21 @@ impl Identity {
                     .await
                     .map_err(DbError::from)?;
                     let secret = match (pending.totp_pending_secret, pending.totp_pending_expire_time) {
-                        (Some(secret), Some(until)) if until > Utc::now() => secret,
+                        (Some(sealed), Some(until)) if until > Utc::now() => identity.totp_keys().open(user, &sealed)?,
                         _ => return Err(Error::new(Code::FailedPrecondition, "no enrolment in progress: start it again")),
                     };
                     let Some(step) = totp::verify(&secret, &code, totp::step_of(Utc::now().timestamp()), None) else {
                         return Err(Error::invalid_field("code", "is not the current code of the authenticator"));
                     };
+                    // Sealed again: under the current key if it changed since the enrolment began.
+                    let sealed = identity.totp_keys().seal(user, &secret)?;
                     diesel::sql_query(
                         "UPDATE users SET totp_secret = $2, totp_last_step = $3, totp_pending_secret = NULL,
                                 totp_pending_expire_time = NULL, totp_recovery_hashes = $4, version = version + 1, update_time = now()
                           WHERE id = $1",
                     )
                     .bind::<SqlUuid, _>(user)
-                    .bind::<Bytea, _>(&secret)
+                    .bind::<Text, _>(&sealed)
                     .bind::<BigInt, _>(step)
                     .bind::<Array<Bytea>, _>(&hashes)
                     .execute(conn)

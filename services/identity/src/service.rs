@@ -35,6 +35,7 @@ pub struct Identity {
     db: Database,
     hasher: Hasher,
     keys: Arc<KeySet>,
+    totp_keys: Arc<crate::totp_keys::TotpKeys>,
     settings: Arc<AuthSettings>,
     platform: Option<socle_server::remote_auth::PlatformClients>,
     mailer: Arc<crate::mail::Mailer>,
@@ -45,6 +46,7 @@ impl Identity {
     pub fn new(
         db: Database,
         keys: KeySet,
+        totp_keys: Arc<crate::totp_keys::TotpKeys>,
         settings: AuthSettings,
         platform: Option<socle_server::remote_auth::PlatformClients>,
         mailer: crate::mail::Mailer,
@@ -54,6 +56,7 @@ impl Identity {
             db,
             hasher: Hasher::new(parallelism),
             keys: Arc::new(keys),
+            totp_keys,
             settings: Arc::new(settings),
             platform,
             mailer: Arc::new(mailer),
@@ -249,6 +252,11 @@ impl Identity {
         &self.keys
     }
 
+    /// The keys of TOTP secrets at rest.
+    pub(crate) fn totp_keys(&self) -> &crate::totp_keys::TotpKeys {
+        &self.totp_keys
+    }
+
     /// The `[auth]` settings.
     pub(crate) fn settings(&self) -> &AuthSettings {
         &self.settings
@@ -303,13 +311,13 @@ pub(crate) struct UserRow {
     pub(crate) update_time: DateTime<Utc>,
     #[diesel(sql_type = BigInt)]
     pub(crate) version: i64,
-    #[diesel(sql_type = Nullable<Bytea>)]
-    pub(crate) totp_secret: Option<Vec<u8>>,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub(crate) totp_enabled: bool,
 }
 
 pub(crate) const SELECT_USER: &str = "SELECT id, entity_id, email, given_name, family_name, display_name, locale, default_entity_id,
         state, password_hash, password_update_time, last_login_time, invitation_expire_time, create_time, update_time, version,
-        totp_secret
+        totp_secret IS NOT NULL AS totp_enabled
    FROM users";
 
 impl UserRow {
@@ -324,7 +332,7 @@ impl UserRow {
             locale: self.locale.clone(),
             default_entity_id: self.default_entity_id.map(|e| e.to_string()).unwrap_or_default(),
             state: i32::from(self.state),
-            totp_enabled: self.totp_secret.is_some(),
+            totp_enabled: self.totp_enabled,
             last_login_time: self.last_login_time.map(timestamp),
             password_update_time: self.password_update_time.map(timestamp),
             lock_expire_time: None,
@@ -753,7 +761,7 @@ impl AuthService for Identity {
                     return Err(bad_credentials());
                 }
             };
-            if user.totp_secret.is_some() {
+            if user.totp_enabled {
                 if r.totp_code.trim().is_empty() {
                     let (challenge, expire) = self.open_challenge(user.id, &user_agent, &ip).await?;
                     return Ok(LoginResponse {
@@ -791,7 +799,7 @@ impl AuthService for Identity {
                             .await
                             .map_err(DbError::from)?;
                         let tokens = open_session(conn, &identity, user.id, &user_agent, &ip).await?;
-                        crate::audit::signed_in(conn, user.id, user.totp_secret.is_some()).await?;
+                        crate::audit::signed_in(conn, user.id, user.totp_enabled).await?;
                         Ok::<_, Error>(tokens)
                     })
                 })
