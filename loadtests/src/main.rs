@@ -3,9 +3,10 @@
 //! warm cache. Real services, real PostgreSQL (the test kit's), loopback only;
 //! every loop is bounded in time.
 //!
-//! `cargo xtask bench audit`: see [`audit`].
+//! `cargo xtask bench audit`: see [`audit`]; `cargo xtask bench relay`: see [`relay`].
 
 mod audit;
+mod relay;
 
 use std::time::{Duration, Instant};
 
@@ -153,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("auth") => auth().await,
         Some("audit") => audit::audit().await,
-        _ => anyhow::bail!("usage: socle-loadtests auth|audit"),
+        Some("relay") => relay::relay().await,
+        _ => anyhow::bail!("usage: socle-loadtests auth|audit|relay"),
     }
 }

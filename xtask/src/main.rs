@@ -39,7 +39,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (release build): `auth`, `audit`.
+    /// Benchmarks (release build): `auth`, `audit`, `relay`.
     Bench {
         /// Which benchmark.
         name: String,
@@ -216,7 +216,12 @@ async fn dev(edge_addr: &str, release: bool) -> anyhow::Result<()> {
              client_id = \"sa-{service}\"\nclient_secret = \"file:{key_prefix}_client_secret\"\n{signing}",
             key_prefix = service.replace('-', "_"),
             signing = match *service {
-                "identity" | "audit" => format!("signing_key = \"file:{service}_signing_key\"\n"),
+                // Identity mails invitations and reset links into a folder.
+                "identity" => format!(
+                    "signing_key = \"file:identity_signing_key\"\nmail_transport = \"directory\"\nmail_directory = \"{}\"\n",
+                    dev_dir.join("mail").display()
+                ),
+                "audit" => "signing_key = \"file:audit_signing_key\"\n".to_owned(),
                 _ => String::new(),
             },
         );
@@ -226,7 +231,9 @@ async fn dev(edge_addr: &str, release: bool) -> anyhow::Result<()> {
              [database]\nurl = \"{app_url}\"\npassword = \"file:{key}\"\nowner_url = \"{owner_url}\"\n{owner_password}\
              migrate_on_start = true\napp_role = \"{role}\"\n\n\
              [secrets]\nfile = \"{secrets}\"\n\n\
-             [telemetry]\nlog_format = \"pretty\"\n{auth}",
+             [telemetry]\nlog_format = \"pretty\"\n\n\
+             # Audit events leave each service's outbox for the audit service.\n\
+             [audit]\nurl = \"http://127.0.0.1:50055\"\n{auth}",
             app_url = with_user(&owner_url, &role),
             owner_password =
                 if admin_password.is_some() { "owner_password = \"file:pg_admin_password\"\n" } else { "" },
@@ -286,6 +293,7 @@ async fn dev(edge_addr: &str, release: bool) -> anyhow::Result<()> {
                 println!("  {service:<14} grpc://127.0.0.1:{port}");
             }
             println!("  PostgreSQL     {}", postgres::redact(&pg.admin_url));
+            println!("  Mail (files)   {}", dev_dir.join("mail").display());
             println!("  configuration  .local/dev/*.toml; secrets in dev-secrets.toml");
             println!("\nDemo accounts (passwords generated once, kept in dev-secrets.toml):");
             for (email, password, role) in &credentials {

@@ -269,23 +269,23 @@ fn to_value(json: &serde_json::Value) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
-/// The audit action of a call: `<package>.<method in snake case>`, e.g.
-/// `/socle.tenancy.v1.GrantService/DeleteGrant` → `tenancy.delete_grant`.
-pub fn action_of(rpc: &str) -> String {
-    let (service, method) = rpc.trim_start_matches('/').rsplit_once('/').unwrap_or(("", rpc));
-    let package = service.strip_prefix("socle.").and_then(|rest| rest.split('.').next()).unwrap_or(service);
-    let mut action = format!("{package}.");
-    for (i, c) in method.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                action.push('_');
-            }
-            action.push(c.to_ascii_lowercase());
-        } else {
-            action.push(c);
-        }
+/// The audit action of a call refused `permission`, in the contract's
+/// `<service>.<collection>.<verb>` shape: the permission's service and
+/// collection, and the RPC's verb (the first word of the method), e.g.
+/// `/socle.tenancy.v1.GrantService/DeleteGrant` refused
+/// `tenancy.grants.manage` → `tenancy.grants.delete`.
+pub fn action_of(rpc: &str, permission: &str) -> String {
+    let method = rpc.rsplit('/').next().unwrap_or(rpc);
+    let verb: String = method
+        .char_indices()
+        .take_while(|(i, c)| *i == 0 || !c.is_ascii_uppercase())
+        .map(|(_, c)| c.to_ascii_lowercase())
+        .collect();
+    let mut segments = permission.split('.');
+    match (segments.next(), segments.next()) {
+        (Some(service), Some(collection)) => format!("{service}.{collection}.{verb}"),
+        _ => format!("unknown.calls.{verb}"),
     }
-    action
 }
 
 /// Records a denied access decision of the current call: `principal` was
@@ -300,7 +300,7 @@ pub async fn record_denial(principal: &Principal, permission: &str, entity: &str
         // named garbage; it is refused as such).
         return;
     }
-    let mut event = event(context.service, &action_of(&context.rpc), Outcome::Denied);
+    let mut event = event(context.service, &action_of(&context.rpc, permission), Outcome::Denied);
     event.actor = Some(actor(Some(principal)));
     event.entity_id = entity.to_owned();
     event.status_code = code.name().to_owned();
@@ -362,8 +362,15 @@ mod tests {
 
     #[test]
     fn actions_are_named_after_the_rpc() {
-        assert_eq!(action_of("/socle.tenancy.v1.GrantService/DeleteGrant"), "tenancy.delete_grant");
-        assert_eq!(action_of("/socle.identity.v1.UserService/GetUser"), "identity.get_user");
+        assert_eq!(
+            action_of("/socle.tenancy.v1.GrantService/DeleteGrant", "tenancy.grants.manage"),
+            "tenancy.grants.delete"
+        );
+        assert_eq!(action_of("/socle.identity.v1.UserService/ListUsers", "identity.users.read"), "identity.users.list");
+        assert_eq!(
+            action_of("/socle.crm.v1.OrganizationService/Get", "crm.organizations.read"),
+            "crm.organizations.get"
+        );
     }
 
     #[test]

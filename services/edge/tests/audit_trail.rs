@@ -120,7 +120,7 @@ async fn changes_and_denied_decisions_reach_the_audit_trail_through_the_outbox()
     assert_eq!(denied["actor"]["id"], staff.to_string());
     assert_eq!(denied["permission"], "tenancy.entities.read");
     assert_eq!(denied["statusCode"], "PERMISSION_DENIED");
-    assert_eq!(denied["action"], "tenancy.get_entity");
+    assert_eq!(denied["action"], "tenancy.entities.get");
 
     // A denied record-level check: A's administrator naming B's grant by id.
     let (status, refusal) = p
