@@ -140,6 +140,15 @@ fn dev_secrets(path: &Path, admin_password: Option<&str>) -> anyhow::Result<toml
             changed = true;
         }
     }
+    // AES-256 key of identity's TOTP secrets at rest.
+    if !table.contains_key("identity_totp_encryption_key") {
+        let key = socle_identity::totp_keys::TotpKey::generate_base64();
+        table.insert(
+            "identity_totp_encryption_key".into(),
+            toml::Value::String(socle_config::ExposeSecret::expose_secret(&key).to_owned()),
+        );
+        changed = true;
+    }
     if let Some(password) = admin_password
         && table.get("pg_admin_password").and_then(|v| v.as_str()) != Some(password)
     {
@@ -218,7 +227,7 @@ async fn dev(edge_addr: &str, release: bool) -> anyhow::Result<()> {
             signing = match *service {
                 // Identity mails invitations and reset links into a folder.
                 "identity" => format!(
-                    "signing_key = \"file:identity_signing_key\"\nmail_transport = \"directory\"\nmail_directory = \"{}\"\n",
+                    "signing_key = \"file:identity_signing_key\"\ntotp_encryption_key = \"file:identity_totp_encryption_key\"\nmail_transport = \"directory\"\nmail_directory = \"{}\"\n",
                     dev_dir.join("mail").display()
                 ),
                 "audit" => "signing_key = \"file:audit_signing_key\"\n".to_owned(),

@@ -100,11 +100,14 @@ pub struct AuthSettings {
     pub console_url: String,
     /// Identity only: how long an invitation link stays valid, in seconds.
     pub invitation_ttl_secs: u64,
-    /// Identity only: the current Ed25519 signing key (PKCS#8, base64), as
-    /// a secret locator.
+    /// Identity and audit: the current Ed25519 signing key (PKCS#8,
+    /// base64), as a secret locator. Identity signs access tokens with it;
+    /// audit signs its checkpoints and derives the key-encryption key of the
+    /// per-person keys from it (ADR 0011).
     pub signing_key: Option<socle_config::SecretRef>,
-    /// Identity only: earlier signing keys, still published in the JWKS so
-    /// that tokens they signed stay valid until they expire.
+    /// Identity and audit: earlier signing keys. Identity still publishes
+    /// them in the JWKS so that tokens they signed stay valid until they
+    /// expire; audit verifies older checkpoints and unwraps older keys.
     pub previous_signing_keys: Vec<socle_config::SecretRef>,
     /// Identity only: how e-mails (invitations, password resets) leave:
     /// `none` (kept queued in `outgoing_mail`; e-mail delivery is refused)

@@ -300,6 +300,11 @@ async fn spawn_on_database(
         config.auth.totp_encryption_key =
             Some(SecretRef::parse("file:totp_encryption_key").map_err(anyhow::Error::msg)?);
     }
+    if service == Service::Audit {
+        // The checkpoint key (and the root of the per-person keys), so that
+        // an audit service restarted in a test reads what it wrote.
+        config.auth.signing_key = Some(SecretRef::parse("file:signing_key").map_err(anyhow::Error::msg)?);
+    }
     adjust(&mut config);
     config.secrets = SecretsSettings { file: Some(secrets_file.clone()) };
     let secrets = load_resolver(&config).await?;
