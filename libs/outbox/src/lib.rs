@@ -19,7 +19,8 @@
 //!
 //! Metrics (meter `socle.outbox`): `socle.outbox.delivered` and
 //! `socle.outbox.failures` (events), `socle.outbox.lag` (seconds from the
-//! commit to the delivery, histogram), `socle.outbox.backlog` (rows waiting)
+//! row's insertion to the moment the delivering batch picked it up, i.e.
+//! time spent waiting in the outbox; histogram), `socle.outbox.backlog` (rows waiting)
 //! and `socle.outbox.oldest_age` (seconds, age of the oldest waiting row).
 
 use std::{sync::Arc, time::Duration};
@@ -172,7 +173,7 @@ impl Instruments {
             lag: meter
                 .f64_histogram("socle.outbox.lag")
                 .with_unit("s")
-                .with_description("Time from the commit of an event to its delivery")
+                .with_description("Time an event waited in the outbox before the batch that delivered it")
                 .build(),
             backlog: meter.u64_gauge("socle.outbox.backlog").with_description("Events waiting in the outbox").build(),
             oldest_age: meter

@@ -59,10 +59,14 @@ pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
         .await
         .map_err(|e| ServerError::Other(format!("audit store: {e}")))?;
     let timer = tokio::spawn(checkpoint_timer(store.clone()));
-    let api = api::AuditApi::new(store, platform, access);
+    // Its own denied reads and exports go through its outbox like any
+    // service's (delivered to itself when `[audit] url` names it).
     let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
         .authorizer(authorizer)
-        .readiness_database(database)
+        .readiness_database(database.clone())
+        .audit(database, &ctx.config.audit, platform.as_ref())?;
+    let api = api::AuditApi::new(store, platform, access);
+    let host = host
         .add_service(audit_event_service_server::AuditEventServiceServer::new(api.clone()))
         .add_service(checkpoint_service_server::CheckpointServiceServer::new(api));
     let served = host.serve(ctx.listener, ctx.shutdown).await;

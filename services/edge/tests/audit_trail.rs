@@ -135,6 +135,18 @@ async fn changes_and_denied_decisions_reach_the_audit_trail_through_the_outbox()
     assert_eq!(denied["statusCode"], "NOT_FOUND");
     assert_eq!(denied["reason"], "record_in_other_entity");
 
+    // The audit service's own refusals are audited too.
+    let (status, refusal) = p
+        .call(Some(&staff_token), Method::GET, &format!("/api/v1/audit/events?entityId={branch_b}"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{refusal}");
+    let request_id = refusal["requestId"].as_str().unwrap().to_owned();
+    let denied = wait_for_event(&p, &branch_b, |e| e["requestId"] == request_id.as_str()).await;
+    assert_eq!(denied["service"], "audit");
+    assert_eq!(denied["action"], "audit.events.query");
+    assert_eq!(denied["permission"], "audit.events.read");
+
     // The chains the events landed in verify.
     for entity in [&branch_a, &branch_b] {
         let (status, verdict) = p
