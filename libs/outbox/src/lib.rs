@@ -65,15 +65,12 @@ pub async fn enqueue_all(conn: &mut AsyncPgConnection, events: &[AuditEvent]) ->
         ids.push(id);
         payloads.push(event.encode_to_vec());
     }
-    diesel::sql_query(
-        "INSERT INTO socle_outbox (id, payload) SELECT * FROM unnest($1::uuid[], $2::bytea[]);
-         ",
-    )
-    .bind::<Array<SqlUuid>, _>(ids)
-    .bind::<Array<Bytea>, _>(payloads)
-    .execute(conn)
-    .await
-    .map_err(|e| Error::from(DbError::from(e)))?;
+    diesel::sql_query("INSERT INTO socle_outbox (id, payload) SELECT * FROM unnest($1::uuid[], $2::bytea[])")
+        .bind::<Array<SqlUuid>, _>(ids)
+        .bind::<Array<Bytea>, _>(payloads)
+        .execute(conn)
+        .await
+        .map_err(|e| Error::from(DbError::from(e)))?;
     diesel::sql_query(format!("NOTIFY {CHANNEL}")).execute(conn).await.map_err(|e| Error::from(DbError::from(e)))?;
     Ok(())
 }

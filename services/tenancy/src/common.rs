@@ -49,3 +49,68 @@ pub async fn policy_version(conn: &mut diesel_async::AsyncPgConnection) -> Resul
     let row: Version = diesel::sql_query("SELECT version FROM policy_version").get_result(conn).await?;
     Ok(row.version)
 }
+
+/// A tenancy record whose changes are audited.
+pub trait Audited: prost::Message + prost::Name {
+    /// The audit resource type, e.g. `tenancy.grant`.
+    const RESOURCE_TYPE: &'static str;
+    /// The record's id.
+    fn record_id(&self) -> &str;
+    /// The entity whose chain holds the record's events.
+    fn chain_entity(&self) -> &str;
+}
+
+impl Audited for socle_proto::socle::tenancy::v1::Entity {
+    const RESOURCE_TYPE: &'static str = "tenancy.entity";
+    fn record_id(&self) -> &str {
+        &self.id
+    }
+    fn chain_entity(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Audited for socle_proto::socle::tenancy::v1::Grant {
+    const RESOURCE_TYPE: &'static str = "tenancy.grant";
+    fn record_id(&self) -> &str {
+        &self.id
+    }
+    fn chain_entity(&self) -> &str {
+        &self.entity_id
+    }
+}
+
+impl Audited for socle_proto::socle::tenancy::v1::Role {
+    const RESOURCE_TYPE: &'static str = "tenancy.role";
+    fn record_id(&self) -> &str {
+        &self.id
+    }
+    fn chain_entity(&self) -> &str {
+        &self.entity_id
+    }
+}
+
+/// Writes the audit event of a record created (`before` unset), changed or
+/// deleted (`after` unset) in the transaction of the change, on the chain
+/// of the record's entity. Tenancy records hold no personal data (an
+/// entity's e-mail and phone are the organisation's), so nothing is sealed.
+pub async fn record<M: Audited>(
+    conn: &mut diesel_async::AsyncPgConnection,
+    action: &str,
+    before: Option<&M>,
+    after: Option<&M>,
+) -> Result<(), socle_errors::Error> {
+    let Some(record) = after.or(before) else { return Ok(()) };
+    let event = socle_server::audit::change(
+        crate::NAME,
+        action,
+        M::RESOURCE_TYPE,
+        record.record_id(),
+        record.chain_entity(),
+        before,
+        after,
+        &[],
+        "",
+    );
+    socle_outbox::enqueue(conn, &event).await
+}

@@ -19,7 +19,7 @@ use socle_proto::socle::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::common::{Count, acting_entity, bump_policy, reply, rid, timestamp};
+use crate::common::{Count, acting_entity, bump_policy, record, reply, rid, timestamp};
 use uuid::Uuid;
 
 /// Fields UpdateEntity may change.
@@ -288,7 +288,7 @@ pub async fn ensure_root(db: &Database, display_name: &str, code: &str, slug: &s
             insert(conn, id, None, &root).await?;
             bump_policy(conn).await?;
             let created = require(conn, id, false).await?.to_proto();
-            record(conn, "tenancy.entities.create", None, &created).await?;
+            record(conn, "tenancy.entities.create", None, Some(&created)).await?;
             Ok(created)
         })
     })
@@ -314,29 +314,6 @@ impl EntityApi {
     ) -> Result<R, Error> {
         self.db.transaction(&EntityScope::System, body).await
     }
-}
-
-/// Writes the audit event of a change of `after` in the transaction. The
-/// entity's contact e-mail and phone are not personal data (they are the
-/// organisation's), so nothing is sealed.
-async fn record(
-    conn: &mut AsyncPgConnection,
-    action: &str,
-    before: Option<&Entity>,
-    after: &Entity,
-) -> Result<(), Error> {
-    let event = socle_server::audit::change(
-        crate::NAME,
-        action,
-        "tenancy.entity",
-        &after.id,
-        &after.id,
-        before,
-        Some(after),
-        &[],
-        "",
-    );
-    socle_outbox::enqueue(conn, &event).await
 }
 
 /// Filters of a list call, in a stable text form (page token fingerprint).
@@ -383,7 +360,7 @@ impl EntityService for EntityApi {
                     insert(conn, id, Some(parent), &entity).await?;
                     bump_policy(conn).await?;
                     let created = require(conn, id, false).await?.to_proto();
-                    record(conn, "tenancy.entities.create", None, &created).await?;
+                    record(conn, "tenancy.entities.create", None, Some(&created)).await?;
                     Ok(created)
                 })
             })
@@ -597,7 +574,7 @@ impl EntityService for EntityApi {
                     .await
                     .map_err(|e| conflict(e.into()))?;
                     let updated = require(conn, id, false).await?.to_proto();
-                    record(conn, "tenancy.entities.update", Some(&current.to_proto()), &updated).await?;
+                    record(conn, "tenancy.entities.update", Some(&current.to_proto()), Some(&updated)).await?;
                     Ok(updated)
                 })
             })
@@ -683,7 +660,7 @@ impl EntityService for EntityApi {
                             .map_err(DbError::from)?;
                     bump_policy(conn).await?;
                     let after = require(conn, id, false).await?.to_proto();
-                    record(conn, "tenancy.entities.move", Some(&current.to_proto()), &after).await?;
+                    record(conn, "tenancy.entities.move", Some(&current.to_proto()), Some(&after)).await?;
                     Ok((after, moved.n as i32))
                 })
             })
@@ -740,7 +717,7 @@ impl EntityService for EntityApi {
                     .map_err(DbError::from)?;
                     bump_policy(conn).await?;
                     let after = require(conn, id, false).await?.to_proto();
-                    record(conn, "tenancy.entities.archive", Some(&current.to_proto()), &after).await?;
+                    record(conn, "tenancy.entities.archive", Some(&current.to_proto()), Some(&after)).await?;
                     Ok((after, archived as i32))
                 })
             })
@@ -791,7 +768,7 @@ impl EntityService for EntityApi {
                     .map_err(DbError::from)?;
                     bump_policy(conn).await?;
                     let after = require(conn, id, false).await?.to_proto();
-                    record(conn, "tenancy.entities.unarchive", Some(&current.to_proto()), &after).await?;
+                    record(conn, "tenancy.entities.unarchive", Some(&current.to_proto()), Some(&after)).await?;
                     Ok(after)
                 })
             })

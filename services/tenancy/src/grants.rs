@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
+    common::record,
     common::{acting_entity, bump_policy, from_timestamp, reply, rid, timestamp},
     entities, roles,
 };
@@ -180,29 +181,6 @@ impl GrantApi {
     pub fn new(db: Database) -> Self {
         GrantApi { access: crate::access::LocalAccessCheck::new(db.clone()), db }
     }
-}
-
-/// Writes the audit event of a grant created or deleted, on the chain of
-/// the grant's entity, in the transaction.
-async fn record(
-    conn: &mut AsyncPgConnection,
-    action: &str,
-    before: Option<&Grant>,
-    after: Option<&Grant>,
-) -> Result<(), Error> {
-    let grant = after.or(before).expect("a grant");
-    let event = socle_server::audit::change(
-        crate::NAME,
-        action,
-        "tenancy.grant",
-        &grant.id,
-        &grant.entity_id,
-        before,
-        after,
-        &[],
-        "",
-    );
-    socle_outbox::enqueue(conn, &event).await
 }
 
 #[tonic::async_trait]

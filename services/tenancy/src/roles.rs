@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
+    common::record,
     common::{Count, acting_entity, bump_policy, reply, rid, timestamp},
     entities,
 };
@@ -295,29 +296,6 @@ impl RoleApi {
         }
         Ok(row)
     }
-}
-
-/// Writes the audit event of a custom role created, changed or deleted, on
-/// the chain of the role's entity, in the transaction.
-async fn record(
-    conn: &mut AsyncPgConnection,
-    action: &str,
-    before: Option<&Role>,
-    after: Option<&Role>,
-) -> Result<(), Error> {
-    let role = after.or(before).expect("a role");
-    let event = socle_server::audit::change(
-        crate::NAME,
-        action,
-        "tenancy.role",
-        &role.id,
-        &role.entity_id,
-        before,
-        after,
-        &[],
-        "",
-    );
-    socle_outbox::enqueue(conn, &event).await
 }
 
 #[tonic::async_trait]
