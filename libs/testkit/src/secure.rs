@@ -197,6 +197,52 @@ impl SecurePlatform {
             .find_map(|m| m.lines().find_map(|l| l.split_once(&marker).map(|(_, token)| token.trim().to_owned())))
     }
 
+    /// Creates an entity as the national administrator (code, display name
+    /// and slug from `code`); returns its id.
+    pub async fn create_entity(&self, parent: &str, kind: &str, code: &str) -> anyhow::Result<String> {
+        let (status, body) = self
+            .call(
+                Some(&self.admin_token),
+                reqwest::Method::POST,
+                "/api/v1/entities",
+                None,
+                Some(json!({ "requestId": Uuid::new_v4().to_string(),
+                             "entity": { "parentId": parent, "kind": kind, "displayName": code, "code": code,
+                                         "slug": code.to_lowercase() } })),
+            )
+            .await?;
+        anyhow::ensure!(status == 200, "creating entity {code}: {body}");
+        Ok(body["entity"]["id"].as_str().context("no entity id")?.to_owned())
+    }
+
+    /// The id of the built-in role `name`.
+    pub async fn role_id(&self, name: &str) -> anyhow::Result<String> {
+        let (status, roles) = self
+            .call(Some(&self.admin_token), reqwest::Method::GET, "/api/v1/roles?pageSize=500", Some(&self.root), None)
+            .await?;
+        anyhow::ensure!(status == 200, "listing roles: {roles}");
+        let role = roles["roles"].as_array().and_then(|all| all.iter().find(|r| r["name"] == name));
+        Ok(role.and_then(|r| r["id"].as_str()).with_context(|| format!("no role {name}"))?.to_owned())
+    }
+
+    /// Grants `role` on `entity` to a user, as the national administrator;
+    /// returns the grant id.
+    pub async fn grant_user(&self, user: Uuid, role: &str, entity: &str, scope: &str) -> anyhow::Result<String> {
+        let (status, body) = self
+            .call(
+                Some(&self.admin_token),
+                reqwest::Method::POST,
+                "/api/v1/grants",
+                None,
+                Some(json!({ "requestId": Uuid::new_v4().to_string(),
+                             "grant": { "principal": { "kind": "ACTOR_KIND_USER", "id": user.to_string() },
+                                        "roleId": self.role_id(role).await?, "entityId": entity, "scope": scope } })),
+            )
+            .await?;
+        anyhow::ensure!(status == 200, "granting {role}: {body}");
+        Ok(body["grant"]["id"].as_str().context("no grant id")?.to_owned())
+    }
+
     /// Calls the edge with an optional token and acting entity.
     pub async fn call(
         &self,

@@ -10,43 +10,11 @@ use serde_json::{Value, json};
 use socle_testkit::secure::SecurePlatform;
 
 async fn create_entity(p: &SecurePlatform, parent: &str, kind: &str, code: &str) -> String {
-    let (status, body) = p
-        .call(
-            Some(&p.admin_token),
-            Method::POST,
-            "/api/v1/entities",
-            None,
-            Some(json!({ "requestId": uuid::Uuid::new_v4().to_string(),
-                         "entity": { "parentId": parent, "kind": kind, "displayName": code, "code": code, "slug": code.to_lowercase() } })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    body["entity"]["id"].as_str().unwrap().to_owned()
-}
-
-async fn role_id(p: &SecurePlatform, name: &str) -> String {
-    let (status, roles) =
-        p.call(Some(&p.admin_token), Method::GET, "/api/v1/roles?pageSize=500", Some(&p.root), None).await.unwrap();
-    assert_eq!(status, 200, "{roles}");
-    roles["roles"].as_array().unwrap().iter().find(|r| r["name"] == name).unwrap()["id"].as_str().unwrap().to_owned()
+    p.create_entity(parent, kind, code).await.unwrap()
 }
 
 async fn grant(p: &SecurePlatform, user: uuid::Uuid, role: &str, entity: &str) -> String {
-    let (status, body) = p
-        .call(
-            Some(&p.admin_token),
-            Method::POST,
-            "/api/v1/grants",
-            None,
-            Some(json!({ "requestId": uuid::Uuid::new_v4().to_string(),
-                         "grant": { "principal": { "kind": "ACTOR_KIND_USER", "id": user.to_string() },
-                                    "roleId": role_id(p, role).await, "entityId": entity, "scope": "GRANT_SCOPE_ENTITY_ONLY" } })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    body["grant"]["id"].as_str().unwrap().to_owned()
+    p.grant_user(user, role, entity, "GRANT_SCOPE_ENTITY_ONLY").await.unwrap()
 }
 
 /// Polls the entity's audit events (read by the national administrator)
@@ -223,21 +191,6 @@ async fn sign_in_failures_locks_successes_and_refresh_reuse_are_audited_on_the_h
     let reused = wait_for_event(&p, &branch, |e| e["action"] == "identity.auth.refresh_reused").await;
     assert_eq!(reused["outcome"], "OUTCOME_DENIED");
     assert_eq!(reused["actor"]["id"], user.to_string());
-}
-
-/// RFC 4648 base32 (no padding), as authenticator apps read TOTP secrets.
-fn base32_decode(text: &str) -> Vec<u8> {
-    const ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let (mut buffer, mut bits, mut out) = (0u32, 0u32, Vec::new());
-    for c in text.chars() {
-        buffer = (buffer << 5) | ALPHABET.find(c).expect("base32") as u32;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-        }
-    }
-    out
 }
 
 /// Every event of `entity`'s chain as read back by the national administrator.
@@ -453,7 +406,7 @@ async fn account_and_service_account_changes_are_audited_on_the_home_entity_with
     assert_eq!(status, 200, "{enrolled}");
     let totp_secret = enrolled["secret"].as_str().unwrap().to_owned();
     let code = socle_identity::totp::code(
-        &base32_decode(&totp_secret),
+        &socle_identity::totp::base32_decode(&totp_secret).expect("base32"),
         socle_identity::totp::step_of(chrono::Utc::now().timestamp()),
     );
     let (status, confirmed) =

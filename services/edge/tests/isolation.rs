@@ -14,19 +14,7 @@ struct World {
 }
 
 async fn create_entity(p: &SecurePlatform, parent: &str, kind: &str, code: &str) -> String {
-    let (status, body) = p
-        .call(
-            Some(&p.admin_token),
-            Method::POST,
-            "/api/v1/entities",
-            None,
-            Some(json!({ "requestId": uuid::Uuid::new_v4().to_string(),
-                         "entity": { "parentId": parent, "kind": kind, "displayName": code, "code": code, "slug": code.to_lowercase() } })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    body["entity"]["id"].as_str().unwrap().to_owned()
+    p.create_entity(parent, kind, code).await.unwrap()
 }
 
 impl World {

@@ -4,20 +4,6 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use socle_testkit::secure::{SecurePlatform, TEST_PASSWORD};
 
-fn base32_decode(text: &str) -> Vec<u8> {
-    const ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let (mut buffer, mut bits, mut out) = (0u32, 0u32, Vec::new());
-    for c in text.chars() {
-        buffer = (buffer << 5) | ALPHABET.find(c).expect("base32") as u32;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-        }
-    }
-    out
-}
-
 fn code_at(secret: &[u8], offset_steps: i64) -> String {
     let step = socle_identity::totp::step_of(chrono::Utc::now().timestamp()) + offset_steps;
     socle_identity::totp::code(secret, step)
@@ -44,7 +30,7 @@ async fn a_second_factor_is_enrolled_confirmed_and_then_required() {
         .unwrap();
     assert_eq!(status, 200, "{enrolled}");
     assert!(enrolled["otpauthUri"].as_str().unwrap().starts_with("otpauth://totp/Socle:totp@socle.test?secret="));
-    let secret = base32_decode(enrolled["secret"].as_str().unwrap());
+    let secret = socle_identity::totp::base32_decode(enrolled["secret"].as_str().unwrap()).expect("base32");
 
     let (status, _) =
         p.call(t, Method::POST, "/api/v1/me/totp:confirm", None, Some(json!({ "code": "000000" }))).await.unwrap();
@@ -96,7 +82,7 @@ async fn wrong_codes_count_toward_the_sign_in_locks_across_challenges() {
         .call(t, Method::POST, "/api/v1/me/totp:enroll", None, Some(json!({ "currentPassword": TEST_PASSWORD })))
         .await
         .unwrap();
-    let secret = base32_decode(enrolled["secret"].as_str().unwrap());
+    let secret = socle_identity::totp::base32_decode(enrolled["secret"].as_str().unwrap()).expect("base32");
     let (status, _) = p
         .call(t, Method::POST, "/api/v1/me/totp:confirm", None, Some(json!({ "code": code_at(&secret, 0) })))
         .await

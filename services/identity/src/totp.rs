@@ -49,6 +49,22 @@ pub fn verify(secret: &[u8], code_given: &str, now_step: i64, last_step: Option<
     )
 }
 
+/// Decodes [`base32`] text (upper case, no padding); `None` on any other
+/// character.
+pub fn base32_decode(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let (mut buffer, mut bits, mut out) = (0u32, 0u32, Vec::new());
+    for c in text.chars() {
+        buffer = (buffer << 5) | ALPHABET.find(c)? as u32;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
 /// RFC 4648 base32 without padding (what `otpauth://` URIs carry).
 pub fn base32(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
@@ -70,6 +86,13 @@ pub fn base32(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn base32_round_trips() {
+        let secret = super::new_secret();
+        assert_eq!(super::base32_decode(&super::base32(&secret)), Some(secret));
+        assert_eq!(super::base32_decode("abc"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -21,19 +21,7 @@ struct World {
 }
 
 async fn create_entity(p: &SecurePlatform, parent: &str, kind: &str, code: &str) -> String {
-    let (status, body) = p
-        .call(
-            Some(&p.admin_token),
-            Method::POST,
-            "/api/v1/entities",
-            None,
-            Some(json!({ "requestId": Uuid::new_v4().to_string(),
-                         "entity": { "parentId": parent, "kind": kind, "displayName": code, "code": code, "slug": code.to_lowercase() } })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    body["entity"]["id"].as_str().unwrap().to_owned()
+    p.create_entity(parent, kind, code).await.unwrap()
 }
 
 /// Percent-encodes a query parameter value.
@@ -401,20 +389,6 @@ async fn deleting_a_user_removes_grants_sessions_and_personal_data() {
     assert_eq!(w.admin(Method::DELETE, &path, None).await.0, 404, "already gone");
 }
 
-fn base32_decode(text: &str) -> Vec<u8> {
-    const ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let (mut buffer, mut bits, mut out) = (0u32, 0u32, Vec::new());
-    for c in text.chars() {
-        buffer = (buffer << 5) | ALPHABET.find(c).expect("base32") as u32;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_administrator_resets_a_lost_second_factor_and_ends_the_sessions() {
     let w = World::new().await;
@@ -425,7 +399,7 @@ async fn an_administrator_resets_a_lost_second_factor_and_ends_the_sessions() {
         w.p.call(t, Method::POST, "/api/v1/me/totp:enroll", None, Some(json!({ "currentPassword": TEST_PASSWORD })))
             .await
             .unwrap();
-    let secret = base32_decode(enrolled["secret"].as_str().unwrap());
+    let secret = socle_identity::totp::base32_decode(enrolled["secret"].as_str().unwrap()).expect("base32");
     let code = socle_identity::totp::code(&secret, socle_identity::totp::step_of(chrono::Utc::now().timestamp()));
     let (status, _) =
         w.p.call(t, Method::POST, "/api/v1/me/totp:confirm", None, Some(json!({ "code": code }))).await.unwrap();

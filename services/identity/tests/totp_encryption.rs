@@ -26,20 +26,6 @@ use socle_testkit::{
 };
 use uuid::Uuid;
 
-fn base32_decode(text: &str) -> Vec<u8> {
-    const ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let (mut buffer, mut bits, mut out) = (0u32, 0u32, Vec::new());
-    for c in text.chars() {
-        buffer = (buffer << 5) | ALPHABET.find(c).expect("base32") as u32;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-        }
-    }
-    out
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -134,7 +120,7 @@ async fn secrets_are_sealed_for_their_account_under_the_current_key_and_earlier_
         .await
         .unwrap();
     assert_eq!(status, 200, "{enrolled}");
-    let secret = base32_decode(enrolled["secret"].as_str().unwrap());
+    let secret = socle_identity::totp::base32_decode(enrolled["secret"].as_str().unwrap()).expect("base32");
     let pending = stored(database, alice).await.totp_pending_secret.expect("pending secret");
     assert_hides(&pending, &secret);
     let current_kid = kid(&pending).to_owned();
