@@ -190,6 +190,14 @@ impl EntityScope {
         EntityScope::Entities(Vec::new())
     }
 
+    /// Whether rows of `entity` are visible in this scope.
+    pub fn allows(&self, entity: Uuid) -> bool {
+        match self {
+            EntityScope::System => true,
+            EntityScope::Entities(ids) => ids.contains(&entity),
+        }
+    }
+
     fn setting(&self) -> String {
         match self {
             EntityScope::System => "*".into(),

@@ -25,6 +25,7 @@ pub mod authz;
 pub mod layers;
 pub mod remote_auth;
 pub mod request_id;
+pub mod scope;
 pub mod token_authz;
 
 pub use authz::{Authorizer, DeclaredRulesOnly, Principal};

@@ -1,12 +1,27 @@
 //! CRM: member companies, contacts, memberships and interactions.
 //!
 //! The service's contract is `socle.crm.v1` (see `proto/socle/crm/v1/`).
-//! Every RPC already exists, guarded by the authorization layer; those not
-//! implemented yet answer `UNIMPLEMENTED`.
+//! Every record belongs to one entity; each transaction runs with the
+//! caller's entity scope, so PostgreSQL row-level security hides other
+//! entities' rows whatever the query (ADR 0004, ADR 0012).
+//!
+//! Built: organisations ([`organizations`]) and contacts ([`contacts`])
+//! with validation, duplicate detection, keyset lists, etags and idempotent
+//! creates; accent-insensitive and fuzzy search ([`search`]). The RPCs not
+//! built yet answer `UNIMPLEMENTED` and say which capability is missing.
 
+mod common;
+pub mod contacts;
+pub mod organizations;
+pub mod search;
+pub mod validate;
+
+use std::sync::Arc;
+
+pub use common::Crm;
 use socle_db::{EmbeddedMigrations, embed_migrations};
 use socle_proto::socle::crm::v1::*;
-use socle_server::{MigrateFuture, ServerError, ServiceConfig, ServiceContext, ServiceHost};
+use socle_server::{MigrateFuture, ServerError, ServiceConfig, ServiceContext, ServiceHost, scope::ScopeResolver};
 
 /// The default gRPC port.
 pub const DEFAULT_PORT: u16 = 50053;
@@ -17,27 +32,34 @@ pub const NAME: &str = "crm";
 /// The embedded migrations of the service database.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
+/// The answer of an RPC whose capability is not built yet.
+pub(crate) fn not_yet(what: &str) -> tonic::Status {
+    socle_errors::Error::new(socle_errors::Code::Unimplemented, format!("{what} is not implemented yet"))
+        .into_status(None)
+}
+
 /// Runs the service until `ctx.shutdown` resolves.
 pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
     let database = socle_server::open_database(&ctx.config.database, &ctx.secrets, MIGRATIONS).await?;
     let authorizer = socle_server::authorizer_for(&ctx.config.auth, &ctx.secrets, ctx.authorizer.clone(), None).await?;
     let platform = socle_server::platform_clients(&ctx.config.auth, &ctx.secrets).await?;
+    let crm = Crm { db: database.clone(), scopes: Arc::new(ScopeResolver::new(platform.clone())) };
     let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
         .authorizer(authorizer)
         .readiness_database(database.clone())
-        .audit(database, &ctx.config.audit, platform.as_ref())?;
+        .audit(database, &ctx.config.audit, platform.as_ref())?
+        .add_service(organization_service_server::OrganizationServiceServer::new(crm.clone()))
+        .add_service(contact_service_server::ContactServiceServer::new(crm.clone()))
+        .add_service(search_service_server::SearchServiceServer::new(crm.clone()));
     let host = socle_server::unimplemented_services!(
         host,
         affiliation_service_server::{AffiliationServiceServer, AffiliationService},
-        contact_service_server::{ContactServiceServer, ContactService},
         duplicate_service_server::{DuplicateServiceServer, DuplicateService},
         import_job_service_server::{ImportJobServiceServer, ImportJobService},
         interaction_service_server::{InteractionServiceServer, InteractionService},
         membership_service_server::{MembershipServiceServer, MembershipService},
         membership_type_service_server::{MembershipTypeServiceServer, MembershipTypeService},
         merge_service_server::{MergeServiceServer, MergeService},
-        organization_service_server::{OrganizationServiceServer, OrganizationService},
-        search_service_server::{SearchServiceServer, SearchService},
         tag_service_server::{TagServiceServer, TagService},
     );
     host.serve(ctx.listener, ctx.shutdown).await

@@ -1,0 +1,12 @@
+DROP FUNCTION IF EXISTS crm_contact_duplicate_hints;
+DROP FUNCTION IF EXISTS crm_organization_duplicate_hints;
+DROP TABLE IF EXISTS interaction_contacts;
+DROP TABLE IF EXISTS interactions;
+DROP FUNCTION IF EXISTS crm_refresh_membership;
+DROP FUNCTION IF EXISTS crm_membership_status;
+DROP TABLE IF EXISTS memberships;
+DROP TABLE IF EXISTS membership_types;
+DROP TABLE IF EXISTS affiliations;
+DROP TABLE IF EXISTS contacts;
+DROP TABLE IF EXISTS organizations;
+DROP FUNCTION IF EXISTS crm_join;
