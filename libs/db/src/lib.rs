@@ -28,6 +28,7 @@ use uuid::Uuid;
 pub mod admin;
 pub mod cluster;
 pub mod idempotency;
+pub mod statements;
 
 pub use diesel_async::AsyncPgConnection as Connection;
 
@@ -310,7 +311,15 @@ impl Database {
     /// checked so that a wrong URL fails at start-up.
     pub async fn connect(url: &SecretString, max_connections: u32, acquire_timeout: Duration) -> Result<Self, DbError> {
         use socle_config::ExposeSecret;
-        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url.expose_secret());
+        let mut config = diesel_async::pooled_connection::ManagerConfig::<AsyncPgConnection>::default();
+        config.custom_setup = Box::new(|url| {
+            Box::pin(async move {
+                let mut conn = AsyncPgConnection::establish(url).await?;
+                conn.set_instrumentation(statements::Counter);
+                Ok(conn)
+            })
+        });
+        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url.expose_secret(), config);
         let pool = bb8::Pool::builder()
             .max_size(max_connections)
             .connection_timeout(acquire_timeout)

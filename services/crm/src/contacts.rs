@@ -474,14 +474,14 @@ pub(crate) async fn load_many(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> Res
         .map_err(DbError::from)?)
 }
 
-async fn find_duplicates(
+/// The contacts that look like `input` in every entity (hints only).
+async fn hints(
     conn: &mut AsyncPgConnection,
     input: &ContactInput,
     exclude: Option<Uuid>,
     limit: i32,
-    readable: &EntityScope,
-) -> Result<Vec<DuplicateCandidate>, Error> {
-    let hints: Vec<Hint> = diesel::sql_query("SELECT * FROM crm_contact_duplicate_hints($1, $2, $3, $4, $5, $6)")
+) -> Result<Vec<Hint>, Error> {
+    Ok(diesel::sql_query("SELECT * FROM crm_contact_duplicate_hints($1, $2, $3, $4, $5, $6)")
         .bind::<Array<Text>, _>(input.email_keys())
         .bind::<Array<Text>, _>(input.phone_keys())
         .bind::<Text, _>(input.name_key())
@@ -490,7 +490,19 @@ async fn find_duplicates(
         .bind::<diesel::sql_types::Integer, _>(limit)
         .load(conn)
         .await
-        .map_err(DbError::from)?;
+        .map_err(DbError::from)?)
+}
+
+async fn find_duplicates(
+    conn: &mut AsyncPgConnection,
+    input: &ContactInput,
+    exclude: Option<Uuid>,
+    limit: i32,
+    readable: &EntityScope,
+    known: &[Uuid],
+) -> Result<Vec<DuplicateCandidate>, Error> {
+    let mut hints = hints(conn, input, exclude, limit).await?;
+    hints.retain(|h| !known.contains(&h.id));
     let visible: Vec<Uuid> = hints.iter().filter(|h| readable.allows(h.entity_id)).map(|h| h.id).collect();
     socle_db::set_scope(conn, readable).await.map_err(DbError::from)?;
     let rows = load_many(conn, &visible).await?;
@@ -612,7 +624,7 @@ fn order(order_by: &str) -> Result<Order, Error> {
 }
 
 impl Crm {
-    pub(crate) async fn create_contact(
+    pub async fn create_contact(
         &self,
         caller: &Caller,
         r: CreateContactRequest,
@@ -643,7 +655,7 @@ impl Crm {
                         }
                         idempotency::Claim::New(id) => id,
                     };
-                    let duplicates = find_duplicates(conn, &input, None, 10, &readable).await?;
+                    let duplicates = find_duplicates(conn, &input, None, 10, &readable, &[]).await?;
                     if !duplicates.is_empty() && !allow {
                         return Err(duplicate_conflict(duplicates));
                     }
@@ -669,7 +681,7 @@ impl Crm {
             .await
     }
 
-    pub(crate) async fn get_contact(&self, caller: &Caller, id: &str) -> Result<Contact, Error> {
+    pub async fn get_contact(&self, caller: &Caller, id: &str) -> Result<Contact, Error> {
         let id = parse_id("contact_id", id)?;
         let scope = self.scope(caller, "crm.contacts.read").await?;
         let row = self.db.transaction(&scope, move |conn| Box::pin(async move { load(conn, id).await })).await?;
@@ -679,11 +691,7 @@ impl Crm {
         }
     }
 
-    pub(crate) async fn list_contacts(
-        &self,
-        caller: &Caller,
-        r: ListContactsRequest,
-    ) -> Result<ListContactsResponse, Error> {
+    pub async fn list_contacts(&self, caller: &Caller, r: ListContactsRequest) -> Result<ListContactsResponse, Error> {
         let size = page_size(r.page_size)?;
         let entity = caller.entity_or_acting("entity_id", &r.entity_id)?;
         let order_by = r.order_by.trim().to_owned();
@@ -783,7 +791,7 @@ impl Crm {
         Ok(ListContactsResponse { contacts: rows.iter().map(ContactRow::to_proto).collect(), next_page_token })
     }
 
-    pub(crate) async fn update_contact(&self, caller: &Caller, r: UpdateContactRequest) -> Result<Contact, Error> {
+    pub async fn update_contact(&self, caller: &Caller, r: UpdateContactRequest) -> Result<Contact, Error> {
         let id = parse_id("contact_id", &r.contact_id)?;
         let mask = FieldMask::new(r.update_mask.as_ref(), UPDATABLE)?;
         let changes = r.contact.ok_or_else(|| Error::invalid_field("contact", "is required"))?;
@@ -813,7 +821,12 @@ impl Crm {
                     let identity_changed =
                         ["given_name", "family_name", "emails", "phones", "address"].iter().any(|p| mask.contains(p));
                     if identity_changed && !allow {
-                        let duplicates = find_duplicates(conn, &input, Some(id), 10, &readable).await?;
+                        // Only the candidates the change brings are refused: a
+                        // duplicate already known before the change does not
+                        // block unrelated edits.
+                        let known = validate(&before, "contact", false)?;
+                        let known: Vec<Uuid> = hints(conn, &known, Some(id), 50).await?.iter().map(|h| h.id).collect();
+                        let duplicates = find_duplicates(conn, &input, Some(id), 10, &readable, &known).await?;
                         socle_db::set_scope(conn, &scope).await.map_err(DbError::from)?;
                         if !duplicates.is_empty() {
                             return Err(duplicate_conflict(duplicates));
@@ -849,7 +862,7 @@ impl Crm {
         }
     }
 
-    pub(crate) async fn delete_contact(&self, caller: &Caller, r: DeleteContactRequest) -> Result<(), Error> {
+    pub async fn delete_contact(&self, caller: &Caller, r: DeleteContactRequest) -> Result<(), Error> {
         let id = parse_id("contact_id", &r.contact_id)?;
         let scope = self.scope(caller, "crm.contacts.delete").await?;
         let etag_given = r.etag.clone();
@@ -878,7 +891,7 @@ impl Crm {
         if found { Ok(()) } else { Err(self.not_found(caller, "contacts", id, "crm.contacts.delete", "contact").await) }
     }
 
-    pub(crate) async fn find_contact_duplicates(
+    pub async fn find_contact_duplicates(
         &self,
         caller: &Caller,
         r: FindContactDuplicatesRequest,
@@ -896,7 +909,7 @@ impl Crm {
         let scope = readable.clone();
         self.db
             .transaction(&scope, move |conn| {
-                Box::pin(async move { find_duplicates(conn, &input, exclude, limit, &readable).await })
+                Box::pin(async move { find_duplicates(conn, &input, exclude, limit, &readable, &[]).await })
             })
             .await
     }

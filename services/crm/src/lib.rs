@@ -18,7 +18,7 @@ pub mod validate;
 
 use std::sync::Arc;
 
-pub use common::Crm;
+pub use common::{Caller, Crm};
 use socle_db::{EmbeddedMigrations, embed_migrations};
 use socle_proto::socle::crm::v1::*;
 use socle_server::{MigrateFuture, ServerError, ServiceConfig, ServiceContext, ServiceHost, scope::ScopeResolver};

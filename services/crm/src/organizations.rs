@@ -452,8 +452,10 @@ async fn find_duplicates(
     exclude: Option<Uuid>,
     limit: i32,
     readable: &EntityScope,
+    known: &[Uuid],
 ) -> Result<Vec<DuplicateCandidate>, Error> {
-    let hints = hints(conn, input, exclude, limit).await?;
+    let mut hints = hints(conn, input, exclude, limit).await?;
+    hints.retain(|h| !known.contains(&h.id));
     let visible: Vec<Uuid> = hints.iter().filter(|h| readable.allows(h.entity_id)).map(|h| h.id).collect();
     // The write transaction's scope may be narrower than what the caller
     // reads: look the visible ones up in the read scope.
@@ -775,7 +777,7 @@ pub(crate) fn scope_ids(scope: &EntityScope, entity: Uuid) -> Vec<Uuid> {
 }
 
 impl Crm {
-    pub(crate) async fn create_organization(
+    pub async fn create_organization(
         &self,
         caller: &Caller,
         r: CreateOrganizationRequest,
@@ -823,7 +825,7 @@ impl Crm {
                         }
                         idempotency::Claim::New(id) => id,
                     };
-                    let duplicates = find_duplicates(conn, &input, None, 10, &readable).await?;
+                    let duplicates = find_duplicates(conn, &input, None, 10, &readable, &[]).await?;
                     if !duplicates.is_empty() && !allow {
                         return Err(duplicate_conflict(duplicates));
                     }
@@ -850,7 +852,7 @@ impl Crm {
             .await
     }
 
-    pub(crate) async fn get_organization(&self, caller: &Caller, id: &str) -> Result<Organization, Error> {
+    pub async fn get_organization(&self, caller: &Caller, id: &str) -> Result<Organization, Error> {
         let id = parse_id("organization_id", id)?;
         let scope = self.scope(caller, "crm.organizations.read").await?;
         let row = self.db.transaction(&scope, move |conn| Box::pin(async move { load(conn, id).await })).await?;
@@ -860,7 +862,7 @@ impl Crm {
         }
     }
 
-    pub(crate) async fn list_organizations(
+    pub async fn list_organizations(
         &self,
         caller: &Caller,
         r: ListOrganizationsRequest,
@@ -918,7 +920,7 @@ impl Crm {
         })
     }
 
-    pub(crate) async fn update_organization(
+    pub async fn update_organization(
         &self,
         caller: &Caller,
         r: UpdateOrganizationRequest,
@@ -950,7 +952,12 @@ impl Crm {
                         .iter()
                         .any(|p| mask.contains(p));
                     if identity_changed && !allow {
-                        let duplicates = find_duplicates(conn, &input, Some(id), 10, &readable).await?;
+                        // Only the candidates the change brings are refused: a
+                        // duplicate already known before the change does not
+                        // block unrelated edits.
+                        let known = validate(&before, "organization", false)?;
+                        let known: Vec<Uuid> = hints(conn, &known, Some(id), 50).await?.iter().map(|h| h.id).collect();
+                        let duplicates = find_duplicates(conn, &input, Some(id), 10, &readable, &known).await?;
                         socle_db::set_scope(conn, &scope).await.map_err(DbError::from)?;
                         if !duplicates.is_empty() {
                             return Err(duplicate_conflict(duplicates));
@@ -987,7 +994,7 @@ impl Crm {
         }
     }
 
-    pub(crate) async fn delete_organization(&self, caller: &Caller, r: DeleteOrganizationRequest) -> Result<(), Error> {
+    pub async fn delete_organization(&self, caller: &Caller, r: DeleteOrganizationRequest) -> Result<(), Error> {
         let id = parse_id("organization_id", &r.organization_id)?;
         let scope = self.scope(caller, "crm.organizations.delete").await?;
         let (etag_given, force) = (r.etag.clone(), r.force);
@@ -1038,7 +1045,7 @@ impl Crm {
         }
     }
 
-    pub(crate) async fn find_organization_duplicates(
+    pub async fn find_organization_duplicates(
         &self,
         caller: &Caller,
         r: FindOrganizationDuplicatesRequest,
@@ -1056,7 +1063,7 @@ impl Crm {
         let scope = readable.clone();
         self.db
             .transaction(&scope, move |conn| {
-                Box::pin(async move { find_duplicates(conn, &input, exclude, limit, &readable).await })
+                Box::pin(async move { find_duplicates(conn, &input, exclude, limit, &readable, &[]).await })
             })
             .await
     }

@@ -107,7 +107,7 @@ fn highlights(fields: &[(&str, &str)], words: &[String]) -> Vec<SearchHighlight>
 }
 
 impl Crm {
-    pub(crate) async fn search(&self, caller: &Caller, r: SearchRequest) -> Result<SearchResponse, Error> {
+    pub async fn search(&self, caller: &Caller, r: SearchRequest) -> Result<SearchResponse, Error> {
         let size = page_size(r.page_size)?;
         let entity = caller.entity_or_acting("entity_id", &r.entity_id)?;
         let mut v = Violations::new();
