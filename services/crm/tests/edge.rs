@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
+use socle_crm::validate::luhn_valid;
 use socle_proto::socle::crm::v1::{
     GetOrganizationRequest, Organization, UpdateOrganizationRequest,
     organization_service_client::OrganizationServiceClient,
@@ -60,24 +61,8 @@ fn org_ids(list: &Value) -> Vec<String> {
 
 /// A valid SIRET with the given 8-digit prefix (SIREN and SIRET Luhn keys computed).
 fn siret(prefix8: u32) -> String {
-    fn luhn_key(digits: &str) -> u32 {
-        // The digit that makes `digits` + key pass the Luhn check.
-        (0..10)
-            .find(|k| {
-                let s = format!("{digits}{k}");
-                let sum: u32 = s
-                    .chars()
-                    .rev()
-                    .enumerate()
-                    .map(|(i, c)| {
-                        let d = c.to_digit(10).unwrap();
-                        if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d }
-                    })
-                    .sum();
-                sum % 10 == 0
-            })
-            .unwrap()
-    }
+    // The digit that makes `digits` + key pass the Luhn check.
+    let luhn_key = |digits: &str| (0..10).find(|k| luhn_valid(&format!("{digits}{k}"))).unwrap();
     let siren = format!("{prefix8:08}{}", luhn_key(&format!("{prefix8:08}")));
     let body = format!("{siren}0001");
     format!("{body}{}", luhn_key(&body))
