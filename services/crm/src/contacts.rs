@@ -270,7 +270,7 @@ impl Audited for Contact {
 
 /// A validated contact, ready to be written.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct ContactInput {
+pub struct ContactInput {
     civility: i16,
     given_name: String,
     family_name: String,
@@ -317,7 +317,7 @@ fn one_primary(flags: &mut [bool], v: &mut Violations, field: String) {
 
 /// Validates and normalises `contact` (fields reported under `prefix.`).
 /// `strict` is false for duplicate lookups.
-pub(crate) fn validate(contact: &Contact, prefix: &str, strict: bool) -> Result<ContactInput, Error> {
+pub fn validate(contact: &Contact, prefix: &str, strict: bool) -> Result<ContactInput, Error> {
     let field = |name: &str| format!("{prefix}.{name}");
     let mut v = Violations::new();
     let mut input = ContactInput::default();
@@ -529,6 +529,29 @@ fn bind_input<'f>(query: Boxed<'f>, input: &ContactInput) -> Boxed<'f> {
         .bind::<Array<Text>, _>(input.email_keys())
         .bind::<Array<Text>, _>(input.phone_keys())
         .bind::<Text, _>(input.postal_code())
+}
+
+/// Writes `input` over the record `id` if it is still at `version` (else
+/// `ABORTED`: someone changed it since it was read).
+pub(crate) async fn write(conn: &mut AsyncPgConnection, id: Uuid, version: i64, input: &ContactInput) -> Result<(), Error> {
+    let query = diesel::sql_query(
+        "UPDATE contacts SET civility = $1, given_name = $2, family_name = $3, job_title = $4,
+                            emails = $5, phones = $6, address = $7, consents = $8, tags = $9, external_refs = $10,
+                            email_keys = $11, phone_keys = $12, postal_code = $13,
+                            version = version + 1, update_time = now()
+                         WHERE id = $14 AND version = $15",
+    )
+    .into_boxed();
+    let updated = bind_input(query, input)
+        .bind::<SqlUuid, _>(id)
+        .bind::<BigInt, _>(version)
+        .execute(conn)
+        .await
+        .map_err(DbError::from)?;
+    if updated != 1 {
+        return Err(Error::etag_mismatch());
+    }
+    Ok(())
 }
 
 const UPDATABLE: &[&str] = &[
@@ -825,30 +848,16 @@ impl Crm {
                         // duplicate already known before the change does not
                         // block unrelated edits.
                         let known = validate(&before, "contact", false)?;
-                        let known: Vec<Uuid> = hints(conn, &known, Some(id), 50).await?.iter().map(|h| h.id).collect();
+                        let mut known: Vec<Uuid> = hints(conn, &known, Some(id), 50).await?.iter().map(|h| h.id).collect();
+                        // Pairs reviewed as not duplicates are not proposed again.
+                        known.extend(crate::duplicates::dismissed_partners(conn, RecordKind::Contact, id).await?);
                         let duplicates = find_duplicates(conn, &input, Some(id), 10, &readable, &known).await?;
                         socle_db::set_scope(conn, &scope).await.map_err(DbError::from)?;
                         if !duplicates.is_empty() {
                             return Err(duplicate_conflict(duplicates));
                         }
                     }
-                    let query = diesel::sql_query(
-                        "UPDATE contacts SET civility = $1, given_name = $2, family_name = $3, job_title = $4,
-                            emails = $5, phones = $6, address = $7, consents = $8, tags = $9, external_refs = $10,
-                            email_keys = $11, phone_keys = $12, postal_code = $13,
-                            version = version + 1, update_time = now()
-                         WHERE id = $14 AND version = $15",
-                    )
-                    .into_boxed();
-                    let updated = bind_input(query, &input)
-                        .bind::<SqlUuid, _>(id)
-                        .bind::<BigInt, _>(current.version)
-                        .execute(conn)
-                        .await
-                        .map_err(DbError::from)?;
-                    if updated != 1 {
-                        return Err(Error::etag_mismatch());
-                    }
+                    write(conn, id, current.version, &input).await?;
                     let after = load(conn, id).await?.ok_or_else(|| Error::internal("updated row not found"))?;
                     let after = after.to_proto();
                     audit(conn, "crm.contacts.update", Some(&before), Some(&after)).await?;
@@ -980,16 +989,18 @@ impl ContactService for Crm {
 
     async fn preview_contact_merge(
         &self,
-        _request: Request<PreviewContactMergeRequest>,
+        request: Request<PreviewContactMergeRequest>,
     ) -> Result<Response<PreviewContactMergeResponse>, Status> {
-        Err(crate::not_yet("merging contacts"))
+        let (request_id, caller) = (rid(&request), Caller::of(&request));
+        reply(Crm::preview_contact_merge(self, &caller, request.into_inner()).await, request_id)
     }
 
     async fn merge_contacts(
         &self,
-        _request: Request<MergeContactsRequest>,
+        request: Request<MergeContactsRequest>,
     ) -> Result<Response<MergeContactsResponse>, Status> {
-        Err(crate::not_yet("merging contacts"))
+        let (request_id, caller) = (rid(&request), Caller::of(&request));
+        reply(Crm::merge_contacts(self, &caller, request.into_inner()).await, request_id)
     }
 
     async fn import_contacts(
@@ -1010,8 +1021,9 @@ impl ContactService for Crm {
 
     async fn erase_contact(
         &self,
-        _request: Request<EraseContactRequest>,
+        request: Request<EraseContactRequest>,
     ) -> Result<Response<EraseContactResponse>, Status> {
-        Err(crate::not_yet("the GDPR erasure of a contact"))
+        let (request_id, caller) = (rid(&request), Caller::of(&request));
+        reply(Crm::erase_contact(self, &caller, request.into_inner()).await, request_id)
     }
 }

@@ -10,8 +10,13 @@
 //! creates; accent-insensitive and fuzzy search ([`search`]). The RPCs not
 //! built yet answer `UNIMPLEMENTED` and say which capability is missing.
 
+pub mod affiliations;
 mod common;
 pub mod contacts;
+pub mod duplicates;
+pub mod gdpr;
+pub mod interactions;
+pub mod merges;
 pub mod organizations;
 pub mod search;
 pub mod validate;
@@ -44,22 +49,28 @@ pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
     let authorizer = socle_server::authorizer_for(&ctx.config.auth, &ctx.secrets, ctx.authorizer.clone(), None).await?;
     let platform = socle_server::platform_clients(&ctx.config.auth, &ctx.secrets).await?;
     let crm = Crm { db: database.clone(), scopes: Arc::new(ScopeResolver::new(platform.clone())) };
+    let interrupted = duplicates::fail_interrupted_scans(&database)
+        .await
+        .map_err(|e| ServerError::Other(format!("duplicate scans: {e}")))?;
+    if interrupted > 0 {
+        tracing::warn!(count = interrupted, "duplicate scans interrupted by a restart marked failed");
+    }
     let host = ServiceHost::new(NAME, socle_proto::descriptor_pool(), ctx.config.server.clone())
         .authorizer(authorizer)
         .readiness_database(database.clone())
         .audit(database, &ctx.config.audit, platform.as_ref())?
         .add_service(organization_service_server::OrganizationServiceServer::new(crm.clone()))
         .add_service(contact_service_server::ContactServiceServer::new(crm.clone()))
+        .add_service(affiliation_service_server::AffiliationServiceServer::new(crm.clone()))
+        .add_service(interaction_service_server::InteractionServiceServer::new(crm.clone()))
+        .add_service(merge_service_server::MergeServiceServer::new(crm.clone()))
+        .add_service(duplicate_service_server::DuplicateServiceServer::new(crm.clone()))
         .add_service(search_service_server::SearchServiceServer::new(crm.clone()));
     let host = socle_server::unimplemented_services!(
         host,
-        affiliation_service_server::{AffiliationServiceServer, AffiliationService},
-        duplicate_service_server::{DuplicateServiceServer, DuplicateService},
         import_job_service_server::{ImportJobServiceServer, ImportJobService},
-        interaction_service_server::{InteractionServiceServer, InteractionService},
         membership_service_server::{MembershipServiceServer, MembershipService},
         membership_type_service_server::{MembershipTypeServiceServer, MembershipTypeService},
-        merge_service_server::{MergeServiceServer, MergeService},
         tag_service_server::{TagServiceServer, TagService},
     );
     host.serve(ctx.listener, ctx.shutdown).await

@@ -207,7 +207,7 @@ impl Audited for Organization {
 
 /// A validated organisation, ready to be written.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct OrganizationInput {
+pub struct OrganizationInput {
     legal_name: String,
     trade_name: String,
     siren: Option<String>,
@@ -241,7 +241,7 @@ fn reason(violations: &mut Violations, field: String, reason: &str) {
 
 /// Validates and normalises `org` (fields reported under `prefix.`).
 /// `strict` is false for duplicate lookups, where a partial record is fine.
-pub(crate) fn validate(org: &Organization, prefix: &str, strict: bool) -> Result<OrganizationInput, Error> {
+pub fn validate(org: &Organization, prefix: &str, strict: bool) -> Result<OrganizationInput, Error> {
     let field = |name: &str| format!("{prefix}.{name}");
     let mut v = Violations::new();
     let mut input = OrganizationInput::default();
@@ -490,6 +490,30 @@ fn bind_input<'f>(query: Boxed<'f>, input: &OrganizationInput) -> Boxed<'f> {
         .bind::<Text, _>(primary.postal_code)
         .bind::<Text, _>(primary.city)
         .bind::<Text, _>(primary.department_code)
+}
+
+/// Writes `input` over the record `id` if it is still at `version` (else
+/// `ABORTED`: someone changed it since it was read).
+pub(crate) async fn write(conn: &mut AsyncPgConnection, id: Uuid, version: i64, input: &OrganizationInput) -> Result<(), Error> {
+    let query = diesel::sql_query(
+        "UPDATE organizations SET legal_name = $1, trade_name = $2, siren = $3, siret = $4,
+                            naf_code = $5, legal_form_code = $6, headcount_band = $7, addresses = $8, website = $9,
+                            email = $10, phone = $11, tags = $12, description = $13, external_refs = $14,
+                            postal_code = $15, city = $16, department_code = $17,
+                            version = version + 1, update_time = now()
+                         WHERE id = $18 AND version = $19",
+    )
+    .into_boxed();
+    let updated = bind_input(query, input)
+        .bind::<SqlUuid, _>(id)
+        .bind::<BigInt, _>(version)
+        .execute(conn)
+        .await
+        .map_err(DbError::from)?;
+    if updated != 1 {
+        return Err(Error::etag_mismatch());
+    }
+    Ok(())
 }
 
 /// The fields an update may name.
@@ -956,31 +980,16 @@ impl Crm {
                         // duplicate already known before the change does not
                         // block unrelated edits.
                         let known = validate(&before, "organization", false)?;
-                        let known: Vec<Uuid> = hints(conn, &known, Some(id), 50).await?.iter().map(|h| h.id).collect();
+                        let mut known: Vec<Uuid> = hints(conn, &known, Some(id), 50).await?.iter().map(|h| h.id).collect();
+                        // Pairs reviewed as not duplicates are not proposed again.
+                        known.extend(crate::duplicates::dismissed_partners(conn, RecordKind::Organization, id).await?);
                         let duplicates = find_duplicates(conn, &input, Some(id), 10, &readable, &known).await?;
                         socle_db::set_scope(conn, &scope).await.map_err(DbError::from)?;
                         if !duplicates.is_empty() {
                             return Err(duplicate_conflict(duplicates));
                         }
                     }
-                    let query = diesel::sql_query(
-                        "UPDATE organizations SET legal_name = $1, trade_name = $2, siren = $3, siret = $4,
-                            naf_code = $5, legal_form_code = $6, headcount_band = $7, addresses = $8, website = $9,
-                            email = $10, phone = $11, tags = $12, description = $13, external_refs = $14,
-                            postal_code = $15, city = $16, department_code = $17,
-                            version = version + 1, update_time = now()
-                         WHERE id = $18 AND version = $19",
-                    )
-                    .into_boxed();
-                    let updated = bind_input(query, &input)
-                        .bind::<SqlUuid, _>(id)
-                        .bind::<BigInt, _>(current.version)
-                        .execute(conn)
-                        .await
-                        .map_err(DbError::from)?;
-                    if updated != 1 {
-                        return Err(Error::etag_mismatch());
-                    }
+                    write(conn, id, current.version, &input).await?;
                     let after = load(conn, id).await?.ok_or_else(|| Error::internal("updated row not found"))?;
                     let after = after.to_proto();
                     audit(conn, "crm.organizations.update", Some(&before), Some(&after)).await?;
@@ -1136,16 +1145,18 @@ impl OrganizationService for Crm {
 
     async fn preview_organization_merge(
         &self,
-        _request: Request<PreviewOrganizationMergeRequest>,
+        request: Request<PreviewOrganizationMergeRequest>,
     ) -> Result<Response<PreviewOrganizationMergeResponse>, Status> {
-        Err(crate::not_yet("merging organisations"))
+        let (request_id, caller) = (rid(&request), Caller::of(&request));
+        reply(Crm::preview_organization_merge(self, &caller, request.into_inner()).await, request_id)
     }
 
     async fn merge_organizations(
         &self,
-        _request: Request<MergeOrganizationsRequest>,
+        request: Request<MergeOrganizationsRequest>,
     ) -> Result<Response<MergeOrganizationsResponse>, Status> {
-        Err(crate::not_yet("merging organisations"))
+        let (request_id, caller) = (rid(&request), Caller::of(&request));
+        reply(Crm::merge_organizations(self, &caller, request.into_inner()).await, request_id)
     }
 
     async fn import_organizations(

@@ -1,0 +1,2 @@
+DROP TABLE IF EXISTS duplicate_pairs;
+DROP TABLE IF EXISTS duplicate_scans;
