@@ -3,7 +3,8 @@
 //! Version 1: the event, in its stored form (personal values sealed), as a
 //! JSON object serialised with the JSON Canonicalization Scheme (RFC 8785:
 //! keys sorted by UTF-16 code units, no whitespace, ECMAScript number
-//! formatting, minimal string escaping). The hash of an event is
+//! formatting, minimal string escaping). Members added to the contract
+//! later (`erase_subject_ids`) are present only when non-empty. The hash of an event is
 //! `SHA-256(raw 32 bytes of prev_hash || canonical bytes)`, written in
 //! lowercase hex. Everything here is pure: the store, `VerifyChain` and the
 //! offline verifier share it.
@@ -250,7 +251,7 @@ pub fn canonical_json(event: &AuditEvent) -> Result<Json, String> {
         Some(details) => struct_to_json(details)?,
         None => Json::Object(Map::new()),
     };
-    Ok(json!({
+    let mut object = json!({
         "encoding_version": event.encoding_version,
         "id": event.id,
         "entity_id": event.entity_id,
@@ -272,7 +273,14 @@ pub fn canonical_json(event: &AuditEvent) -> Result<Json, String> {
         "record_time": time(&event.record_time)?,
         "changes": changes,
         "details": details,
-    }))
+    });
+    // Added to version 1 after events were stored: present only when
+    // non-empty, so that the encoding of every event without it is unchanged
+    // (ADR 0011, "additive members").
+    if !event.erase_subject_ids.is_empty() {
+        object["erase_subject_ids"] = Json::from(event.erase_subject_ids.clone());
+    }
+    Ok(object)
 }
 
 /// The canonical bytes of an event (stored form).
@@ -319,6 +327,21 @@ mod tests {
             serde_json::from_str(r#"{"b":[1.0,"é\u0001\"\\/"],"a":{"\ud83d\ude00":1,"\ufb33":2},"€":null,"1":true}"#)
                 .unwrap();
         assert_eq!(jcs(&value), "{\"1\":true,\"a\":{\"😀\":1,\"דּ\":2},\"b\":[1,\"é\\u0001\\\"\\\\/\"],\"€\":null}");
+    }
+
+    #[test]
+    fn erase_subject_ids_are_encoded_only_when_present() {
+        let mut event = AuditEvent {
+            id: "0193d9b4-7c1e-7a3b-9d2e-1f2a3b4c5d6e".into(),
+            encoding_version: ENCODING_VERSION,
+            ..Default::default()
+        };
+        let without = canonical(&event).unwrap();
+        assert!(canonical_json(&event).unwrap().get("erase_subject_ids").is_none(), "events before it hash as before");
+        event.erase_subject_ids = vec!["s-2".into(), "s-1".into()];
+        let with = String::from_utf8(canonical(&event).unwrap()).unwrap();
+        assert!(with.contains(r#""erase_subject_ids":["s-2","s-1"]"#), "{with}");
+        assert_ne!(with.into_bytes(), without, "covered by the hash");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! (canonical encoding, checkpoints, crypto-shredding).
 //!
 //! - [`store`]: appends (one lock per chain per batch, one multi-row insert),
-//!   reads, verification, checkpoints, shredding a data subject;
+//!   reads, verification, checkpoints, erasing data subjects (by event or by
+//!   `shred_subject`);
 //! - [`canonical`] and [`verify`]: the hash chain, shared by `VerifyChain`
 //!   and the offline verifier;
 //! - [`keys`]: checkpoint signing keys, KEKs and per-subject keys;
@@ -41,7 +42,7 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The tables no role may change once written.
-const APPEND_ONLY_TABLES: &str = "audit_events, audit_checkpoints";
+const APPEND_ONLY_TABLES: &str = "audit_events, audit_checkpoints, audit_erased_subjects";
 
 /// Runs the service until `ctx.shutdown` resolves.
 pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {

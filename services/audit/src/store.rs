@@ -1,9 +1,10 @@
 //! The audit store: append to the hash chains, read (decrypting personal
-//! values), verify, checkpoint, shred a subject. Takes and returns the
+//! values), verify, checkpoint, erase data subjects (events carrying
+//! `erase_subject_ids`, or `shred_subject`). Takes and returns the
 //! contract's messages; no gRPC types besides them.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
@@ -109,22 +110,25 @@ pub struct EventRow {
     prev_hash: String,
     #[diesel(sql_type = Text)]
     hash: String,
+    #[diesel(sql_type = Text)]
+    erase_subject_ids: String,
 }
 
 /// The columns of [`EventRow`].
 pub const EVENT_COLUMNS: &str = "entity_id, sequence, id, encoding_version, actor_kind, actor_id, acting_entity_id,
     service, action, resource_type, resource_id, outcome, status_code, reason, permission, request_id, trace_id,
-    client_address, occur_time, record_time, changes, details, prev_hash, hash";
+    client_address, occur_time, record_time, changes, details, prev_hash, hash, erase_subject_ids";
 
 impl EventRow {
     /// The event in its stored form (personal values sealed). A row whose
-    /// `changes` or `details` no longer parse keeps them empty: its hash
-    /// then fails to verify, which is the point.
+    /// `changes`, `details` or `erase_subject_ids` no longer parse keeps them
+    /// empty: its hash then fails to verify, which is the point.
     pub fn to_proto(&self) -> AuditEvent {
         let changes: Vec<FieldChange> = serde_json::from_str::<Vec<Json>>(&self.changes)
             .map(|items| items.iter().filter_map(|c| canonical::change_from_json(c).ok()).collect())
             .unwrap_or_default();
         let details = serde_json::from_str::<Json>(&self.details).ok().map(|d| canonical::json_to_struct(&d));
+        let erase_subject_ids = serde_json::from_str::<Vec<String>>(&self.erase_subject_ids).unwrap_or_default();
         AuditEvent {
             id: self.id.to_string(),
             entity_id: self.entity_id.to_string(),
@@ -153,6 +157,7 @@ impl EventRow {
             prev_hash: self.prev_hash.clone(),
             hash: self.hash.clone(),
             encoding_version: i32::from(self.encoding_version),
+            erase_subject_ids,
         }
     }
 }
@@ -251,6 +256,12 @@ struct Existing {
 }
 
 #[derive(QueryableByName)]
+struct Tombstone {
+    #[diesel(sql_type = Text)]
+    subject_id: String,
+}
+
+#[derive(QueryableByName)]
 struct OptSeq {
     #[diesel(sql_type = Nullable<BigInt>)]
     n: Option<i64>,
@@ -283,6 +294,7 @@ struct Columns {
     details: Vec<String>,
     prev_hash: Vec<String>,
     hash: Vec<String>,
+    erase_subject_ids: Vec<String>,
     content_digest: Vec<Vec<u8>>,
 }
 
@@ -338,6 +350,7 @@ impl Columns {
         self.details.push(details);
         self.prev_hash.push(event.prev_hash.clone());
         self.hash.push(event.hash.clone());
+        self.erase_subject_ids.push(canonical::jcs(&Json::from(event.erase_subject_ids.clone())));
         self.content_digest.push(digest);
         Ok(())
     }
@@ -352,7 +365,7 @@ impl Columns {
              SELECT * FROM unnest($1::uuid[], $2::int8[], $3::uuid[], $4::int2[], $5::int2[], $6::uuid[], $7::uuid[],
                 $8::text[], $9::text[], $10::text[], $11::text[], $12::int2[], $13::text[], $14::text[], $15::text[],
                 $16::text[], $17::text[], $18::text[], $19::timestamptz[], $20::timestamptz[], $21::text[],
-                $22::text[], $23::text[], $24::text[], $25::bytea[])"
+                $22::text[], $23::text[], $24::text[], $25::text[], $26::bytea[])"
         ))
         .bind::<Array<SqlUuid>, _>(self.entity_id)
         .bind::<Array<BigInt>, _>(self.sequence)
@@ -378,6 +391,7 @@ impl Columns {
         .bind::<Array<Text>, _>(self.details)
         .bind::<Array<Text>, _>(self.prev_hash)
         .bind::<Array<Text>, _>(self.hash)
+        .bind::<Array<Text>, _>(self.erase_subject_ids)
         .bind::<Array<Bytea>, _>(self.content_digest)
         .execute(conn)
         .await
@@ -494,6 +508,13 @@ impl Store {
     }
 
     /// Appends a validated batch (see [`crate::validate`]): all or nothing.
+    ///
+    /// Erasures (`erase_subject_ids`) apply in batch order: the personal
+    /// values of a subject in the events before the erasing one are sealed
+    /// under the subject's key, which the transaction then deletes; those of
+    /// the erasing event itself and of the events after it (or of a subject
+    /// erased by an earlier transaction) are sealed under a key that is
+    /// never stored.
     pub async fn append(&self, events: Vec<AuditEvent>) -> Result<Vec<AppendEventResult>, Error> {
         let entities: BTreeSet<Uuid> =
             events.iter().map(|e| Uuid::parse_str(&e.entity_id)).collect::<Result<_, _>>().map_err(Error::internal)?;
@@ -503,6 +524,14 @@ impl Store {
             .flat_map(|e| e.changes.iter().filter(|c| c.personal_data).map(|c| c.subject_id.clone()))
             .collect();
         let subjects: Vec<String> = subjects.into_iter().collect();
+        let erasing: BTreeSet<&str> =
+            events.iter().flat_map(|e| e.erase_subject_ids.iter().map(String::as_str)).collect();
+        let locks = subject_locks(
+            subjects
+                .iter()
+                .map(|s| (s.as_str(), erasing.contains(s.as_str())))
+                .chain(erasing.iter().map(|s| (*s, true))),
+        );
         let ids: Vec<Uuid> =
             events.iter().map(|e| Uuid::parse_str(&e.id)).collect::<Result<_, _>>().map_err(Error::internal)?;
         let (keys, options) = (self.keys.clone(), self.options);
@@ -535,15 +564,38 @@ impl Store {
                     .await
                     .map_err(db)?;
                     let existing: HashMap<Uuid, Existing> = existing.into_iter().map(|e| (e.id, e)).collect();
-                    let subject_keys = subject_keys(conn, &keys, &subjects, true).await?;
+                    // Erasures and appends of one subject are serialised, so
+                    // that none of them misses the other (then the tombstones
+                    // read next are the ones committed).
+                    lock_subjects(conn, &locks).await?;
+                    let tombstoned = tombstones(conn, &subjects).await?;
+                    // The subjects whose key seals or commits to values: those
+                    // not erased yet where their values appear in the batch.
+                    let mut erased = tombstoned.clone();
+                    let mut live = BTreeSet::new();
+                    for event in &events {
+                        erased.extend(event.erase_subject_ids.iter().cloned());
+                        let personal = event.changes.iter().filter(|c| c.personal_data);
+                        live.extend(personal.filter(|c| !erased.contains(&c.subject_id)).map(|c| c.subject_id.clone()));
+                    }
+                    let live: Vec<String> = live.into_iter().collect();
+                    let subject_keys = subject_keys(conn, &keys, &live, true).await?;
 
                     let record_time = ts(now());
                     let mut columns = Columns::default();
                     let mut results = Vec::with_capacity(events.len());
+                    let mut erased = tombstoned;
+                    let mut erasures: Vec<(String, Option<Uuid>)> = Vec::new();
                     for (i, (mut event, id)) in events.into_iter().zip(ids).enumerate() {
-                        let (digest, json) = content_digest(&event, &subject_keys)?;
-                        if let Some(found) = existing.get(&id) {
-                            if found.content_digest != digest {
+                        let found = existing.get(&id);
+                        for subject in &event.erase_subject_ids {
+                            if erased.insert(subject.clone()) && found.is_none() {
+                                erasures.push((subject.clone(), Some(id)));
+                            }
+                        }
+                        let (digest, json) = content_digest(&event, &subject_keys, &erased)?;
+                        if let Some(found) = found {
+                            if found.content_digest != digest && stored_digest(conn, id, &erased).await? != digest {
                                 return Err(Error::new(
                                     Code::AlreadyExists,
                                     "an event with this id and different content is already stored",
@@ -564,7 +616,7 @@ impl Store {
                         event.prev_hash = head.head_hash.clone();
                         event.record_time = Some(record_time);
                         event.encoding_version = ENCODING_VERSION;
-                        seal(&mut event, &subject_keys)?;
+                        seal(&mut event, &subject_keys, &erased)?;
                         let json = finish_canonical(json, &event)?;
                         let bytes = canonical::jcs(&json);
                         event.hash =
@@ -588,6 +640,7 @@ impl Store {
                         return Ok(results);
                     }
                     columns.insert(conn, "audit_events").await.map_err(db)?;
+                    erase(conn, erasures).await?;
                     let (mut chain_ids, mut sequences, mut hashes) = (Vec::new(), Vec::new(), Vec::new());
                     let mut due = Vec::new();
                     for head in heads.values() {
@@ -931,20 +984,19 @@ impl Store {
             .await
     }
 
-    /// Erases a data subject by crypto-shredding: destroys every key of the
-    /// subject. Events keep their sealed values and still verify; reads
-    /// report the values as erased. Returns the number of keys destroyed.
-    /// (No RPC exposes it yet: the GDPR erasure flow calls it, issue 5.)
+    /// Erases a data subject by crypto-shredding, without an event: destroys
+    /// every key of the subject and tombstones it, as an event carrying the
+    /// subject in `erase_subject_ids` does. Events keep their sealed values
+    /// and still verify; reads report the values as erased, and values of
+    /// the subject appended later are stored erased. Returns the number of
+    /// keys destroyed. (Tests and operators; services erase by event.)
     pub async fn shred_subject(&self, subject_id: &str) -> Result<usize, Error> {
         let subject = subject_id.to_owned();
         self.db
             .transaction(&EntityScope::System, move |conn| {
                 Box::pin(async move {
-                    diesel::sql_query("DELETE FROM audit_subject_keys WHERE subject_id = $1")
-                        .bind::<Text, _>(&subject)
-                        .execute(conn)
-                        .await
-                        .map_err(db)
+                    lock_subjects(conn, &subject_locks([(subject.as_str(), true)])).await?;
+                    erase(conn, vec![(subject, None)]).await
                 })
             })
             .await
@@ -1177,6 +1229,80 @@ async fn subject_keys(
     Ok(out)
 }
 
+/// The advisory locks of data subjects, in the order to take them: by key,
+/// exclusive (`true`) for the subjects erased, shared for the others.
+fn subject_locks<'a>(subjects: impl IntoIterator<Item = (&'a str, bool)>) -> Vec<(i64, bool)> {
+    let mut locks: BTreeMap<i64, bool> = BTreeMap::new();
+    for (subject, exclusive) in subjects {
+        let digest = canonical::sha256(format!("socle-audit-subject\n{subject}").as_bytes());
+        let key = i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+        *locks.entry(key).or_default() |= exclusive;
+    }
+    locks.into_iter().collect()
+}
+
+/// Takes the advisory locks of [`subject_locks`] for the transaction: an
+/// erasure waits for the appends of the subject in flight and the other way
+/// round, so an append reads the tombstones of the erasures committed before
+/// it, and an erasure deletes the keys the appends before it created. Taken
+/// after the chain locks, in key order (no deadlock).
+async fn lock_subjects(conn: &mut AsyncPgConnection, locks: &[(i64, bool)]) -> Result<(), Error> {
+    if locks.is_empty() {
+        return Ok(());
+    }
+    let (keys, exclusive): (Vec<i64>, Vec<bool>) = locks.iter().copied().unzip();
+    // `unnest` yields the keys in array order, locked one row at a time.
+    diesel::sql_query(
+        "SELECT CASE WHEN x THEN pg_advisory_xact_lock(k) ELSE pg_advisory_xact_lock_shared(k) END
+           FROM unnest($1::int8[], $2::bool[]) AS u(k, x)",
+    )
+    .bind::<Array<BigInt>, _>(keys)
+    .bind::<Array<diesel::sql_types::Bool>, _>(exclusive)
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Which of `subjects` are erased (tombstoned).
+async fn tombstones(conn: &mut AsyncPgConnection, subjects: &[String]) -> Result<HashSet<String>, Error> {
+    if subjects.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows: Vec<Tombstone> =
+        diesel::sql_query("SELECT subject_id FROM audit_erased_subjects WHERE subject_id = ANY($1)")
+            .bind::<Array<Text>, _>(subjects)
+            .load(conn)
+            .await
+            .map_err(db)?;
+    Ok(rows.into_iter().map(|r| r.subject_id).collect())
+}
+
+/// Erases subjects: deletes their keys and tombstones them (with the event
+/// erasing them, if any). Returns the number of keys deleted.
+async fn erase(conn: &mut AsyncPgConnection, erasures: Vec<(String, Option<Uuid>)>) -> Result<usize, Error> {
+    if erasures.is_empty() {
+        return Ok(0);
+    }
+    let (subjects, events): (Vec<String>, Vec<Option<Uuid>>) = erasures.into_iter().unzip();
+    let deleted = diesel::sql_query("DELETE FROM audit_subject_keys WHERE subject_id = ANY($1)")
+        .bind::<Array<Text>, _>(&subjects)
+        .execute(conn)
+        .await
+        .map_err(db)?;
+    // The first erasure of a subject is kept.
+    diesel::sql_query(
+        "INSERT INTO audit_erased_subjects (subject_id, event_id)
+         SELECT * FROM unnest($1::text[], $2::uuid[]) ON CONFLICT (subject_id) DO NOTHING",
+    )
+    .bind::<Array<Text>, _>(&subjects)
+    .bind::<Array<Nullable<SqlUuid>>, _>(events)
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(deleted)
+}
+
 fn sides(change: &FieldChange) -> Result<(Json, Json), Error> {
     let side = |v: &Option<prost_types::Value>| {
         v.as_ref().map(canonical::value_to_json).transpose().map(|v| v.unwrap_or(Json::Null))
@@ -1184,11 +1310,24 @@ fn sides(change: &FieldChange) -> Result<(Json, Json), Error> {
     Ok((side(&change.before).map_err(Error::internal)?, side(&change.after).map_err(Error::internal)?))
 }
 
-/// Encrypts the personal values of an event (in place).
-fn seal(event: &mut AuditEvent, keys: &HashMap<String, (Uuid, SubjectKey)>) -> Result<(), Error> {
+/// Encrypts the personal values of an event (in place). The values of
+/// `erased` subjects are stored already erased: sealed under a fresh key,
+/// with a fresh key id, that is never stored (reads report them erased).
+fn seal(
+    event: &mut AuditEvent,
+    keys: &HashMap<String, (Uuid, SubjectKey)>,
+    erased: &HashSet<String>,
+) -> Result<(), Error> {
     for change in event.changes.iter_mut().filter(|c| c.personal_data) {
-        let (key_id, key) = keys.get(&change.subject_id).ok_or_else(|| Error::internal("subject key missing"))?;
         let (before, after) = sides(change)?;
+        let throwaway;
+        let (key_id, key) = if erased.contains(&change.subject_id) {
+            throwaway = (Uuid::new_v4(), SubjectKey::generate());
+            (&throwaway.0, &throwaway.1)
+        } else {
+            let (key_id, key) = keys.get(&change.subject_id).ok_or_else(|| Error::internal("subject key missing"))?;
+            (key_id, key)
+        };
         change.sealed = Some(key.seal(&key_id.to_string(), &event.id, &change.field_path, &before, &after));
         change.before = None;
         change.after = None;
@@ -1196,9 +1335,20 @@ fn seal(event: &mut AuditEvent, keys: &HashMap<String, (Uuid, SubjectKey)>) -> R
     Ok(())
 }
 
-/// What identifies an event's content for redeliveries: its canonical
-/// encoding without what the store adds, personal values by commitment.
-fn content_digest(event: &AuditEvent, keys: &HashMap<String, (Uuid, SubjectKey)>) -> Result<(Vec<u8>, Json), Error> {
+/// What personal values of an erased subject enter the content digest by,
+/// in place of their commitment: they cannot be committed to any more (the
+/// key is gone), so redeliveries compare everything else.
+fn erased_commitment() -> Vec<u8> {
+    canonical::sha256(b"socle-audit erased subject v1")
+}
+
+/// An event without what the store adds (sequence, record time, hashes),
+/// personal values replaced by the commitment `commit` gives: the canonical
+/// object the content digest is the hash of.
+fn digest_form(
+    event: &AuditEvent,
+    mut commit: impl FnMut(&FieldChange) -> Result<Vec<u8>, Error>,
+) -> Result<Json, Error> {
     let mut copy = event.clone();
     copy.sequence = 0;
     copy.record_time = None;
@@ -1206,18 +1356,57 @@ fn content_digest(event: &AuditEvent, keys: &HashMap<String, (Uuid, SubjectKey)>
     copy.hash.clear();
     copy.encoding_version = ENCODING_VERSION;
     for change in copy.changes.iter_mut().filter(|c| c.personal_data) {
-        let (_, key) = keys.get(&change.subject_id).ok_or_else(|| Error::internal("subject key missing"))?;
-        let (before, after) = sides(change)?;
-        change.sealed = Some(SealedValues {
-            key_id: String::new(),
-            ciphertext: Vec::new(),
-            commitment: key.commit(&event.id, &change.field_path, &before, &after),
-        });
+        let commitment = commit(change)?;
+        change.sealed = Some(SealedValues { key_id: String::new(), ciphertext: Vec::new(), commitment });
         change.before = None;
         change.after = None;
     }
-    let json = canonical::canonical_json(&copy).map_err(Error::internal)?;
+    canonical::canonical_json(&copy).map_err(Error::internal)
+}
+
+/// What identifies an event's content for redeliveries: its canonical
+/// encoding without what the store adds, personal values by commitment
+/// under the subject's key, or by [`erased_commitment`] for the `erased`
+/// subjects. Tombstones are never removed, so the digest of values stored
+/// erased is stable; see [`stored_digest`] for values erased after.
+fn content_digest(
+    event: &AuditEvent,
+    keys: &HashMap<String, (Uuid, SubjectKey)>,
+    erased: &HashSet<String>,
+) -> Result<(Vec<u8>, Json), Error> {
+    let json = digest_form(event, |change| {
+        if erased.contains(&change.subject_id) {
+            return Ok(erased_commitment());
+        }
+        let (_, key) = keys.get(&change.subject_id).ok_or_else(|| Error::internal("subject key missing"))?;
+        let (before, after) = sides(change)?;
+        Ok(key.commit(&event.id, &change.field_path, &before, &after))
+    })?;
     Ok((canonical::sha256(canonical::jcs(&json).as_bytes()), json))
+}
+
+/// The content digest a redelivery of stored event `id` has when its
+/// content is the stored one, with `erased` the subjects erased now: the
+/// stored commitments, except for the subjects erased since the event was
+/// stored, whose values enter by [`erased_commitment`] (their key is gone:
+/// nothing can tell whether the redelivered values are the stored ones).
+/// Without erasures since, this is the stored `content_digest`; it is only
+/// computed when that differs.
+async fn stored_digest(conn: &mut AsyncPgConnection, id: Uuid, erased: &HashSet<String>) -> Result<Vec<u8>, Error> {
+    let rows: Vec<EventRow> = diesel::sql_query(format!("SELECT {EVENT_COLUMNS} FROM audit_events WHERE id = $1"))
+        .bind::<SqlUuid, _>(id)
+        .load(conn)
+        .await
+        .map_err(db)?;
+    let stored = rows.into_iter().next().ok_or_else(|| Error::internal("a stored event disappeared"))?.to_proto();
+    let json = digest_form(&stored, |change| {
+        if erased.contains(&change.subject_id) {
+            return Ok(erased_commitment());
+        }
+        let sealed = change.sealed.as_ref().ok_or_else(|| Error::internal("stored personal values are not sealed"))?;
+        Ok(sealed.commitment.clone())
+    })?;
+    Ok(canonical::sha256(canonical::jcs(&json).as_bytes()))
 }
 
 /// The canonical object of a new event, from its digest form: only what

@@ -18,6 +18,10 @@ pub const SERVICES: &[&str] = &["identity", "tenancy", "crm", "cms", "audit", "a
 
 const MAX_TEXT: usize = 512;
 const MAX_CHANGES: usize = 200;
+/// Most subjects one event may erase.
+const MAX_ERASE_SUBJECTS: usize = 100;
+/// Longest subject id an event may erase.
+const MAX_SUBJECT_ID: usize = 200;
 /// Largest canonical encoding of one event.
 const MAX_EVENT_BYTES: usize = 256 * 1024;
 
@@ -153,6 +157,20 @@ pub fn events(mut events: Vec<AuditEvent>) -> Result<Vec<AuditEvent>, Error> {
                 );
             } else {
                 v.check(change.subject_id.is_empty(), &g("subject_id"), "is only for personal data");
+            }
+        }
+        if event.erase_subject_ids.len() > MAX_ERASE_SUBJECTS {
+            v.add(f("erase_subject_ids"), format!("must hold at most {MAX_ERASE_SUBJECTS} subject ids"));
+        }
+        let mut erased = std::collections::HashSet::new();
+        for (k, subject) in event.erase_subject_ids.iter().enumerate() {
+            let g = format!("events[{i}].erase_subject_ids[{k}]");
+            if subject.is_empty() {
+                v.add(g, "must not be empty");
+            } else if subject.chars().count() > MAX_SUBJECT_ID {
+                v.add(g, format!("must be at most {MAX_SUBJECT_ID} characters"));
+            } else if !erased.insert(subject.as_str()) {
+                v.add(g, "appears more than once in the event");
             }
         }
         if let Some(details) = &event.details
