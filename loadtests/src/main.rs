@@ -3,9 +3,11 @@
 //! warm cache. Real services, real PostgreSQL (the test kit's), loopback only;
 //! every loop is bounded in time.
 //!
-//! `cargo xtask bench audit`: see [`audit`]; `cargo xtask bench relay`: see [`relay`].
+//! `cargo xtask bench audit`: see [`audit`]; `cargo xtask bench relay`: see [`relay`];
+//! `cargo xtask bench crm`: see [`crm`].
 
 mod audit;
+mod crm;
 mod relay;
 
 use std::time::{Duration, Instant};
@@ -155,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
         Some("auth") => auth().await,
         Some("audit") => audit::audit().await,
         Some("relay") => relay::relay().await,
-        _ => anyhow::bail!("usage: socle-loadtests auth|audit|relay"),
+        Some("crm") => crm::crm().await,
+        _ => anyhow::bail!("usage: socle-loadtests auth|audit|relay|crm"),
     }
 }

@@ -162,14 +162,14 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Parses a list of ids (`field[i]` in violations), keeping the first of
-/// duplicates, at most [`PEOPLE_MAX`].
+/// Parses a list of ids (`field[i]` in violations): UUIDs, no duplicate,
+/// at most [`PEOPLE_MAX`].
 fn ids(v: &mut Violations, field: &str, values: &[String]) -> Vec<Uuid> {
     let mut ids = Vec::new();
     for (i, value) in values.iter().enumerate() {
         match Uuid::parse_str(value.trim()) {
-            Ok(id) if !ids.contains(&id) => ids.push(id),
-            Ok(_) => {}
+            Ok(id) if ids.contains(&id) => v.add(format!("{field}[{i}]"), "identifiant en double"),
+            Ok(id) => ids.push(id),
             Err(_) => v.add(format!("{field}[{i}]"), "identifiant invalide : UUID attendu"),
         }
     }
@@ -179,6 +179,7 @@ fn ids(v: &mut Violations, field: &str, values: &[String]) -> Vec<Uuid> {
 
 /// Validates and normalises `interaction` (fields reported under `prefix.`).
 pub(crate) fn validate(interaction: &Interaction, prefix: &str) -> Result<InteractionInput, Error> {
+    use InteractionKind::{Call, Email, EventAttendance, Meeting};
     let field = |name: &str| format!("{prefix}.{name}");
     let mut v = Violations::new();
     let kind = match InteractionKind::try_from(interaction.kind) {
@@ -193,7 +194,6 @@ pub(crate) fn validate(interaction: &Interaction, prefix: &str) -> Result<Intera
         }
     };
     let known = kind != InteractionKind::Unspecified;
-    use InteractionKind::{Call, Email, EventAttendance, Meeting};
 
     let subject = one_line(&interaction.subject);
     if subject.is_empty() {

@@ -1,0 +1,256 @@
+//! `cargo xtask bench crm`: the CRM's lists and search at scale, through
+//! the real edge with real tokens and access decisions.
+//!
+//! 100,000 organisations and 300,000 contacts (each affiliated with one
+//! organisation) are loaded with set-based SQL into the CRM database of a
+//! secured platform, spread over three branches. Then, `RUN` each, with
+//! `CLIENTS` requests in flight:
+//!
+//! - REST list (`GET /api/v1/organizations`, first page of 50) and REST
+//!   search (`POST /api/v1/crm:search`) through the edge: throughput and
+//!   p50/p95/p99 latency;
+//! - the same list over gRPC straight to the CRM service (no edge): the
+//!   edge's ratio, REST via the edge / direct gRPC (aim ≥ 0.85);
+//! - pgbench running the list's own SQL (`socle_crm::organizations::first_page_sql_for`)
+//!   in the same transaction shape (scope set, then the statement), as the
+//!   application role, with as many clients: the REST ratio against the
+//!   database alone (aim ≥ 0.8).
+//!
+//! Everything shares this machine's cores (client, edge, services,
+//! PostgreSQL): the ratios, measured in the same run, are the result; the
+//! absolute figures only describe this machine.
+
+use std::{
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use reqwest::Method;
+use serde_json::json;
+use socle_proto::socle::crm::v1::{ListOrganizationsRequest, organization_service_client::OrganizationServiceClient};
+use socle_testkit::{Service, secure::SecurePlatform};
+
+const RUN: Duration = Duration::from_secs(10);
+const CLIENTS: usize = 8;
+const ORGANIZATIONS: i64 = 100_000;
+const CONTACTS: i64 = 300_000;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Throughput and latencies of `CLIENTS` loops calling `call` for `RUN`.
+async fn measure<F, Fut>(name: &str, call: F) -> anyhow::Result<f64>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let call = Arc::new(call);
+    // Warm-up: caches, connections, plans.
+    for i in 0..20 {
+        call(i).await?;
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..CLIENTS {
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = worker;
+            while started.elapsed() < RUN {
+                let t = Instant::now();
+                call(i).await?;
+                latencies.push(t.elapsed());
+                i += CLIENTS;
+            }
+            Ok::<_, anyhow::Error>(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+    all.sort();
+    println!(
+        "  {name:<34} {rate:8.1} req/s   p50 {:>7.2} ms  p95 {:>7.2} ms  p99 {:>7.2} ms",
+        percentile(&all, 0.50).as_secs_f64() * 1e3,
+        percentile(&all, 0.95).as_secs_f64() * 1e3,
+        percentile(&all, 0.99).as_secs_f64() * 1e3,
+    );
+    Ok(rate)
+}
+
+/// Loads the dataset with set-based SQL as the database owner.
+async fn load(owner_url: &str, branches: &[String]) -> anyhow::Result<()> {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let mut conn = diesel_async::AsyncPgConnection::establish(owner_url).await?;
+    let entities = format!("ARRAY['{}']::uuid[]", branches.join("','"));
+    let sql = format!(
+        "
+        INSERT INTO organizations (id, entity_id, legal_name, trade_name, siren, siret, naf_code, headcount_band,
+                                   addresses, email, phone, tags, postal_code, city, department_code)
+        SELECT md5('org' || g)::uuid, ({entities})[1 + g % 3],
+               (ARRAY['Boulangerie','Garage','Transports','Atelier','Cabinet','Imprimerie','Menuiserie','Café',
+                      'Hôtel','Pharmacie','Électricité','Plomberie'])[1 + g % 12] || ' ' ||
+               (ARRAY['Martin','Bernard','Dubois','Thomas','Robert','Richard','Petit','Durand','Leroy','Moreau',
+                      'Simon','Laurent','Lefèvre','Michel','Garcia','Roux'])[1 + (g / 12) % 16] || ' ' || (g / 192),
+               '', lpad(g::text, 9, '0'), lpad(g::text, 9, '0') || '00017',
+               (ARRAY['10.71C','45.20A','49.41A','62.01Z','69.20Z','18.12Z','43.32A','56.30Z','55.10Z','47.73Z',
+                      '43.21A','43.22A'])[1 + g % 12],
+               1 + g % 15,
+               jsonb_build_array(jsonb_build_object('kind', 1, 'primary', true, 'street_line', g || ' rue de la République',
+                   'postal_code', (ARRAY['6900','5900','3300'])[1 + g % 3] || (1 + g % 9), 'city',
+                   (ARRAY['Lyon','Lille','Bordeaux'])[1 + g % 3], 'country_code', 'FR')),
+               'contact' || g || '@entreprise.fr', '+3347' || lpad(g::text, 7, '0'),
+               ARRAY[(ARRAY['artisanat','industrie','commerce','services'])[1 + g % 4]],
+               (ARRAY['6900','5900','3300'])[1 + g % 3] || (1 + g % 9), (ARRAY['Lyon','Lille','Bordeaux'])[1 + g % 3],
+               (ARRAY['69','59','33'])[1 + g % 3]
+          FROM generate_series(0, {orgs} - 1) AS g;
+        INSERT INTO contacts (id, entity_id, civility, given_name, family_name, job_title, emails, email_keys,
+                              phones, phone_keys)
+        SELECT md5('contact' || g)::uuid, ({entities})[1 + (g % {orgs}) % 3], 1 + g % 2,
+               (ARRAY['Camille','Dominique','Claude','Stéphane','Marie','Jean','Anne','Pierre','Sophie','Luc'])[1 + g % 10],
+               (ARRAY['Martin','Bernard','Dubois','Thomas','Robert','Richard','Petit','Durand','Leroy','Moreau',
+                      'Simon','Laurent','Lefèvre','Michel','Garcia','Roux'])[1 + (g / 10) % 16] || '-' || (g / 160),
+               (ARRAY['Gérant','DRH','Comptable','Assistante','Directrice'])[1 + g % 5],
+               jsonb_build_array(jsonb_build_object('address', 'p' || g || '@entreprise.fr', 'kind', 1, 'primary', true)),
+               ARRAY['p' || g || '@entreprise.fr'],
+               jsonb_build_array(jsonb_build_object('number', '+336' || lpad(g::text, 8, '0'), 'kind', 1, 'primary', true)),
+               ARRAY['+336' || lpad(g::text, 8, '0')]
+          FROM generate_series(0, {contacts} - 1) AS g;
+        INSERT INTO affiliations (id, entity_id, contact_id, organization_id, roles, job_title)
+        SELECT md5('aff' || g)::uuid, ({entities})[1 + (g % {orgs}) % 3], md5('contact' || g)::uuid,
+               md5('org' || (g % {orgs}))::uuid, ARRAY[5]::smallint[], ''
+          FROM generate_series(0, {contacts} - 1) AS g;
+        ANALYZE organizations; ANALYZE contacts; ANALYZE affiliations;",
+        orgs = ORGANIZATIONS,
+        contacts = CONTACTS,
+    );
+    conn.batch_execute(&sql).await?;
+    Ok(())
+}
+
+/// pgbench's transactions per second on `script`, with `CLIENTS` clients.
+fn pgbench(url: &str, script: &str) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("list.sql");
+    std::fs::write(&file, script)?;
+    let output = Command::new("pgbench")
+        .args(["-n", "-M", "extended", "-c", &CLIENTS.to_string(), "-j", "2", "-T", &RUN.as_secs().to_string(), "-f"])
+        .arg(&file)
+        .arg(url)
+        .output()
+        .map_err(|e| anyhow::anyhow!("pgbench is required (PostgreSQL's client tools): {e}"))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(output.status.success(), "pgbench failed: {}", String::from_utf8_lossy(&output.stderr));
+    text.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no tps in pgbench's output: {text}"))
+}
+
+pub async fn crm() -> anyhow::Result<()> {
+    println!("crm benchmark: {ORGANIZATIONS} organisations, {CONTACTS} contacts, {CLIENTS} clients, {}s per measure", RUN.as_secs());
+    let p = SecurePlatform::start().await?;
+    let mut branches = Vec::new();
+    for code in ["ARA-LYON", "HDF-LILLE", "NAQ-BORDEAUX"] {
+        branches.push(p.create_entity(&p.root, "ENTITY_KIND_BRANCH", code).await?);
+    }
+    let lyon = branches[0].clone();
+    let (user, token) = p.user_with_password("staff.lyon@socle.test", &lyon).await?;
+    p.grant_user(user, "staff", &lyon, "GRANT_SCOPE_SUBTREE").await?;
+    let crm = &p.services[&Service::Crm];
+    let started = Instant::now();
+    load(&crm.database.owner_url, &branches).await?;
+    println!("  loaded in {:.1} s", started.elapsed().as_secs_f64());
+
+    let http = reqwest::Client::builder().pool_max_idle_per_host(CLIENTS).build()?;
+    let edge = p.edge.url();
+    let check = |status: reqwest::StatusCode, what: &str| {
+        anyhow::ensure!(status.is_success(), "{what}: HTTP {status}");
+        Ok(())
+    };
+    // Sanity: the page is full, and only Lyon's.
+    let page: serde_json::Value = http
+        .get(format!("{edge}/api/v1/organizations?pageSize=50"))
+        .bearer_auth(&token)
+        .header("x-socle-entity", &lyon)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let orgs = page["organizations"].as_array().map(Vec::len).unwrap_or(0);
+    anyhow::ensure!(orgs == 50, "expected a full page: {page}");
+    anyhow::ensure!(page["organizations"].as_array().into_iter().flatten().all(|o| o["entityId"] == lyon.as_str()));
+
+    let list = {
+        let (http, edge, token, lyon) = (http.clone(), edge.clone(), token.clone(), lyon.clone());
+        move |_: usize| {
+            let request = http
+                .request(Method::GET, format!("{edge}/api/v1/organizations?pageSize=50"))
+                .bearer_auth(&token)
+                .header("x-socle-entity", &lyon);
+            async move {
+                let response = request.send().await?;
+                check(response.status(), "list")?;
+                response.bytes().await?;
+                Ok(())
+            }
+        }
+    };
+    let rest_list = measure("REST list (edge, page of 50)", list).await?;
+
+    let queries = ["boulangerie martin", "garage dubois", "transport", "imprimerie leroy 12", "cafe simon", "pharmacie"];
+    let search = {
+        let (http, edge, token, lyon) = (http.clone(), edge.clone(), token.clone(), lyon.clone());
+        move |i: usize| {
+            let request = http
+                .request(Method::POST, format!("{edge}/api/v1/crm:search"))
+                .bearer_auth(&token)
+                .header("x-socle-entity", &lyon)
+                .json(&json!({ "query": queries[i % queries.len()], "pageSize": 20 }));
+            async move {
+                let response = request.send().await?;
+                check(response.status(), "search")?;
+                response.bytes().await?;
+                Ok(())
+            }
+        }
+    };
+    measure("REST search (edge, 20 hits)", search).await?;
+
+    let channel = tonic::transport::Endpoint::from_shared(crm.url())?.connect().await?;
+    let grpc = {
+        let (token, lyon) = (token.clone(), lyon.clone());
+        move |_: usize| {
+            let mut client = OrganizationServiceClient::new(channel.clone());
+            let mut request = tonic::Request::new(ListOrganizationsRequest { page_size: 50, ..Default::default() });
+            let bearer = format!("Bearer {token}");
+            let entity = lyon.clone();
+            async move {
+                request.metadata_mut().insert("authorization", bearer.parse()?);
+                request.metadata_mut().insert("x-socle-entity", entity.parse()?);
+                client.list_organizations(request).await?;
+                Ok(())
+            }
+        }
+    };
+    let direct = measure("gRPC list (crm directly)", grpc).await?;
+
+    let sql = socle_crm::organizations::first_page_sql_for(uuid::Uuid::parse_str(&lyon)?, 50);
+    let script = format!(
+        "BEGIN;\nSELECT set_config('socle.entity_scope', '{lyon}', true);\n{};\nCOMMIT;\n",
+        sql.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    let database = pgbench(&crm.database.app_url_with_password(), &script)?;
+    println!("  {:<34} {database:8.1} tx/s", "pgbench, the list's SQL");
+    println!("  ratio REST list / pgbench           {:8.2}   (aim ≥ 0.80)", rest_list / database);
+    println!("  ratio REST via edge / direct gRPC   {:8.2}   (aim ≥ 0.85)", rest_list / direct);
+    Ok(())
+}
