@@ -297,6 +297,19 @@ async fn refuse_second_current(
     Ok(())
 }
 
+/// Every affiliation of a contact, current or ended, in one statement
+/// (the GDPR export).
+pub(crate) async fn of_contact(conn: &mut AsyncPgConnection, contact: Uuid) -> Result<Vec<AffiliationRow>, Error> {
+    Ok(diesel::sql_query(format!(
+        "SELECT {COLUMNS}, {} FROM {FROM} WHERE a.contact_id = $1 ORDER BY a.create_time, a.id",
+        computed_columns()
+    ))
+    .bind::<SqlUuid, _>(contact)
+    .load(conn)
+    .await
+    .map_err(DbError::from)?)
+}
+
 /// Loads one affiliation visible in the transaction's scope.
 pub(crate) async fn load(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<AffiliationRow>, Error> {
     let rows: Vec<AffiliationRow> =

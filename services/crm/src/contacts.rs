@@ -1014,9 +1014,10 @@ impl ContactService for Crm {
 
     async fn export_contact_data(
         &self,
-        _request: Request<ExportContactDataRequest>,
+        request: Request<ExportContactDataRequest>,
     ) -> Result<Response<ExportContactDataResponse>, Status> {
-        Err(crate::not_yet("the GDPR export of a contact"))
+        let (request_id, caller) = (rid(&request), Caller::of(&request));
+        reply(Crm::export_contact_data(self, &caller, request.into_inner()).await, request_id)
     }
 
     async fn erase_contact(

@@ -89,6 +89,62 @@ async fn clear(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> Result<Counts, Err
 }
 
 impl Crm {
+    /// `ExportContactData`: everything the CRM holds about the person, in
+    /// one read-only transaction; the access is audited with the request's
+    /// reference.
+    pub async fn export_contact_data(
+        &self,
+        caller: &Caller,
+        r: ExportContactDataRequest,
+    ) -> Result<ExportContactDataResponse, Error> {
+        let id = parse_id("contact_id", &r.contact_id)?;
+        let reference = r.request_reference.trim().to_owned();
+        if reference.chars().count() > 200 {
+            return Err(Error::invalid_field("request_reference", "au plus 200 caractères"));
+        }
+        let scope = self.scope(caller, "crm.contacts.export_personal_data").await?;
+        let result = self
+            .db
+            .transaction(&scope, move |conn| {
+                Box::pin(async move {
+                    let Some(contact) = contacts::load(conn, id).await? else { return Ok(None) };
+                    let contact = contact.to_proto();
+                    let affiliations = crate::affiliations::of_contact(conn, id).await?;
+                    let interactions = crate::interactions::of_contact(conn, id).await?;
+                    let merges = crate::merges::involving(conn, id).await?;
+                    // Reading someone's whole record is itself recorded.
+                    let mut event = socle_server::audit::event(
+                        crate::NAME,
+                        "crm.contacts.export_personal_data",
+                        socle_proto::socle::audit::v1::Outcome::Ok,
+                    );
+                    event.entity_id = contact.entity_id.clone();
+                    event.resource_type = Contact::RESOURCE_TYPE.to_owned();
+                    event.resource_id = contact.id.clone();
+                    event.details = Some(prost_types::Struct {
+                        fields: [(
+                            "request_reference".to_owned(),
+                            prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(reference)) },
+                        )]
+                        .into(),
+                    });
+                    socle_outbox::enqueue(conn, &event).await?;
+                    Ok::<_, Error>(Some(ExportContactDataResponse {
+                        contact: Some(contact),
+                        affiliations: affiliations.iter().map(|a| a.to_proto()).collect(),
+                        interactions: interactions.iter().map(|i| i.to_proto()).collect(),
+                        merges,
+                        export_time: Some(socle_api::timestamp(chrono::Utc::now())),
+                    }))
+                })
+            })
+            .await?;
+        match result {
+            Some(export) => Ok(export),
+            None => Err(self.not_found(caller, "contacts", id, "crm.contacts.export_personal_data", "contact").await),
+        }
+    }
+
     /// `EraseContact`.
     pub async fn erase_contact(&self, caller: &Caller, r: EraseContactRequest) -> Result<EraseContactResponse, Error> {
         let mut v = socle_api::Violations::new();

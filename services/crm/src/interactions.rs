@@ -351,6 +351,20 @@ async fn write_contacts(conn: &mut AsyncPgConnection, id: Uuid, entity: Uuid, co
     Ok(())
 }
 
+/// Every interaction a contact takes part in, newest first, in one
+/// statement (the GDPR export).
+pub(crate) async fn of_contact(conn: &mut AsyncPgConnection, contact: Uuid) -> Result<Vec<InteractionRow>, Error> {
+    Ok(diesel::sql_query(format!(
+        "SELECT {COLUMNS}, {COMPUTED} FROM {FROM}
+          WHERE i.id IN (SELECT interaction_id FROM interaction_contacts WHERE contact_id = $1)
+          ORDER BY i.occur_time DESC, i.id DESC"
+    ))
+    .bind::<SqlUuid, _>(contact)
+    .load(conn)
+    .await
+    .map_err(DbError::from)?)
+}
+
 /// Loads one interaction visible in the transaction's scope.
 pub(crate) async fn load(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<InteractionRow>, Error> {
     let rows: Vec<InteractionRow> =

@@ -11,11 +11,14 @@
 //! built yet answer `UNIMPLEMENTED` and say which capability is missing.
 
 pub mod affiliations;
+pub mod ancestry;
 mod common;
 pub mod contacts;
 pub mod duplicates;
 pub mod gdpr;
 pub mod interactions;
+pub mod membership_types;
+pub mod memberships;
 pub mod merges;
 pub mod organizations;
 pub mod search;
@@ -65,12 +68,18 @@ pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
         .add_service(interaction_service_server::InteractionServiceServer::new(crm.clone()))
         .add_service(merge_service_server::MergeServiceServer::new(crm.clone()))
         .add_service(duplicate_service_server::DuplicateServiceServer::new(crm.clone()))
+        .add_service(membership_service_server::MembershipServiceServer::new(memberships::Memberships::new(
+            crm.clone(),
+            platform.clone(),
+        )))
+        .add_service(membership_type_service_server::MembershipTypeServiceServer::new(memberships::Memberships::new(
+            crm.clone(),
+            platform.clone(),
+        )))
         .add_service(search_service_server::SearchServiceServer::new(crm.clone()));
     let host = socle_server::unimplemented_services!(
         host,
         import_job_service_server::{ImportJobServiceServer, ImportJobService},
-        membership_service_server::{MembershipServiceServer, MembershipService},
-        membership_type_service_server::{MembershipTypeServiceServer, MembershipTypeService},
         tag_service_server::{TagServiceServer, TagService},
     );
     host.serve(ctx.listener, ctx.shutdown).await

@@ -146,7 +146,10 @@ impl TypeRow {
             code: self.code.clone(),
             display_name: self.display_name.clone(),
             description: self.description.clone(),
-            yearly_dues: Some(Money { amount_cents: self.yearly_dues_cents, currency_code: self.currency_code.clone() }),
+            yearly_dues: Some(Money {
+                amount_cents: self.yearly_dues_cents,
+                currency_code: self.currency_code.clone(),
+            }),
             dues_brackets: self
                 .brackets()
                 .into_iter()
@@ -194,11 +197,8 @@ struct TypeInput {
 fn validate(t: &MembershipType, creating: bool) -> Result<TypeInput, Error> {
     let field = |name: &str| format!("membership_type.{name}");
     let mut v = Violations::new();
-    let mut input = TypeInput {
-        offered_to_descendants: t.offered_to_descendants,
-        archived: t.archived,
-        ..TypeInput::default()
-    };
+    let mut input =
+        TypeInput { offered_to_descendants: t.offered_to_descendants, archived: t.archived, ..TypeInput::default() };
     input.code = t.code.trim().to_ascii_uppercase();
     let code_ok = !input.code.is_empty()
         && input.code.len() <= 32
@@ -359,16 +359,15 @@ async fn load_for_update(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Optio
 
 /// Refuses a code another type of the same entity has (`ALREADY_EXISTS`).
 async fn check_code_free(conn: &mut AsyncPgConnection, entity: Uuid, code: &str, id: Uuid) -> Result<(), Error> {
-    let taken: Vec<crate::common::Count> = diesel::sql_query(
-        "SELECT count(*) AS n FROM membership_types WHERE entity_id = $1 AND code = $2 AND id <> $3",
-    )
-    .bind::<SqlUuid, _>(entity)
-    .bind::<Text, _>(code)
-    .bind::<SqlUuid, _>(id)
-    .load(conn)
-    .await
-    .map_err(DbError::from)?;
-    if taken.first().is_some_and(|c| c.n > 0) {
+    let taken: crate::common::Count =
+        diesel::sql_query("SELECT count(*) AS n FROM membership_types WHERE entity_id = $1 AND code = $2 AND id <> $3")
+            .bind::<SqlUuid, _>(entity)
+            .bind::<Text, _>(code)
+            .bind::<SqlUuid, _>(id)
+            .get_result(conn)
+            .await
+            .map_err(DbError::from)?;
+    if taken.n > 0 {
         return Err(Error::new(
             Code::AlreadyExists,
             format!("un type d'adhésion de code {code} existe déjà dans cette entité"),
@@ -418,7 +417,9 @@ fn order(order_by: &str) -> Result<Order, Error> {
             after: "(socle_fold(t.display_name), t.id) > ($5::text, $6::uuid)",
             key: |r| r.name_key.clone(),
         },
-        "code" => Order { sql: "t.code, t.id", after: "(t.code, t.id) > ($5::text, $6::uuid)", key: |r| r.code.clone() },
+        "code" => {
+            Order { sql: "t.code, t.id", after: "(t.code, t.id) > ($5::text, $6::uuid)", key: |r| r.code.clone() }
+        }
         _ => return Err(Error::invalid_field("order_by", "must be one of: display_name, code")),
     })
 }
@@ -679,9 +680,7 @@ impl Memberships {
         if found {
             Ok(())
         } else {
-            Err(self
-                .not_found(caller, "membership_types", id, "crm.membership_types.manage", "membership type")
-                .await)
+            Err(self.not_found(caller, "membership_types", id, "crm.membership_types.manage", "membership type").await)
         }
     }
 }

@@ -313,7 +313,8 @@ fn validate(v: &mut Violations, m: &Membership, creating: bool) -> Result<Given,
     let field = |name: &str| format!("membership.{name}");
     let mut g = Given::default();
     let id = |v: &mut Violations, name: &str, value: &str| -> Result<Option<Uuid>, Error> {
-        let parsed = if creating { parse_id(&field(name), value).map(Some) } else { parse_optional_id(&field(name), value) };
+        let parsed =
+            if creating { parse_id(&field(name), value).map(Some) } else { parse_optional_id(&field(name), value) };
         match parsed {
             Ok(id) => Ok(id),
             Err(e) => absorb(v, e).map(|()| None),
@@ -449,7 +450,7 @@ async fn check_no_overlap(
     .load(conn)
     .await
     .map_err(DbError::from)?;
-    match clashes.first() {
+    match clashes.into_iter().next() {
         None => Ok(()),
         Some(c) => Err(Error::new(
             Code::FailedPrecondition,
@@ -737,8 +738,8 @@ impl Memberships {
                             "cette organisation a été fusionnée : choisissez l'organisation qui l'a absorbée",
                         ));
                     }
-                    let t = usable_type(conn, type_id, entity, &ancestors, "membership.membership_type_id", false)
-                        .await?;
+                    let t =
+                        usable_type(conn, type_id, entity, &ancestors, "membership.membership_type_id", false).await?;
                     let end = given.end.unwrap_or_else(|| period_end(t.period_kind, start));
                     let dues = given.dues.unwrap_or_else(|| t.dues_for(org.headcount_band));
                     let paid = given.paid.unwrap_or(0);
@@ -759,7 +760,7 @@ impl Memberships {
                     .load(conn)
                     .await
                     .map_err(DbError::from)?;
-                    let previous = previous.first().map(|p| p.id);
+                    let previous = previous.into_iter().next().map(|p| p.id);
                     let previous_before = match previous {
                         Some(p) => load(conn, p).await?,
                         None => None,
@@ -931,7 +932,9 @@ impl Memberships {
                     // A new start without a new end lays the period out again.
                     let end = match given.end {
                         Some(end) if mask.contains("end_date") => end,
-                        _ if mask.contains("start_date") || mask.contains("end_date") => period_end(t.period_kind, start),
+                        _ if mask.contains("start_date") || mask.contains("end_date") => {
+                            period_end(t.period_kind, start)
+                        }
                         _ => current.end_date,
                     };
                     let mut v = Violations::new();
@@ -1106,8 +1109,7 @@ impl Memberships {
                         .with_reason("MEMBERSHIP_CANCELLED"));
                     }
                     let entity = previous.entity_id;
-                    let ancestors =
-                        this.ancestors_of(entity, acting.map(|a| (a, acting_ancestors.as_slice()))).await?;
+                    let ancestors = this.ancestors_of(entity, acting.map(|a| (a, acting_ancestors.as_slice()))).await?;
                     set_ancestors(conn, &ancestors).await?;
                     let t = usable_type(
                         conn,

@@ -618,6 +618,19 @@ async fn load_merge(conn: &mut AsyncPgConnection, id: Uuid, lock: bool) -> Resul
     Ok(rows.into_iter().next())
 }
 
+/// The merges a record took part in, as target or source, newest first.
+pub(crate) async fn involving(conn: &mut AsyncPgConnection, record: Uuid) -> Result<Vec<Merge>, Error> {
+    let rows: Vec<MergeRow> = diesel::sql_query(format!(
+        "SELECT {MERGE_COLUMNS} FROM merges m WHERE m.target_id = $1 OR $1 = ANY(m.source_ids)
+          ORDER BY m.create_time DESC, m.id DESC"
+    ))
+    .bind::<SqlUuid, _>(record)
+    .load(conn)
+    .await
+    .map_err(DbError::from)?;
+    Ok(rows.iter().map(MergeRow::to_proto).collect())
+}
+
 /// Records a merge.
 #[allow(clippy::too_many_arguments)]
 async fn insert_merge(

@@ -444,9 +444,38 @@ async fn hints(
         .map_err(DbError::from)?)
 }
 
+/// Writes the new organisation `id` of `entity` from `input` and its audit
+/// event (`crm.organizations.create`), in the caller's transaction, whose
+/// scope must allow `entity`. Returns the created record.
+pub(crate) async fn insert(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    entity: Uuid,
+    input: &OrganizationInput,
+) -> Result<Organization, Error> {
+    let query = diesel::sql_query(
+        "INSERT INTO organizations (id, entity_id, legal_name, trade_name, siren, siret, naf_code,
+            legal_form_code, headcount_band, addresses, website, email, phone, tags, description,
+            external_refs, postal_code, city, department_code)
+         VALUES ($18, $19, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+    )
+    .into_boxed();
+    bind_input(query, input)
+        .bind::<SqlUuid, _>(id)
+        .bind::<SqlUuid, _>(entity)
+        .execute(conn)
+        .await
+        .map_err(DbError::from)?;
+    let created = load(conn, id).await?.ok_or_else(|| Error::internal("created row not found"))?;
+    let created = created.to_proto();
+    audit(conn, "crm.organizations.create", None, Some(&created)).await?;
+    Ok(created)
+}
+
 /// Likely duplicates of `input`: hints, then the details of those the
 /// caller may read (row-level security applies to the lookup as well).
-async fn find_duplicates(
+/// The transaction is left in the `readable` scope.
+pub(crate) async fn find_duplicates(
     conn: &mut AsyncPgConnection,
     input: &OrganizationInput,
     exclude: Option<Uuid>,
@@ -897,22 +926,7 @@ impl Crm {
                         return Err(duplicate_conflict(duplicates));
                     }
                     socle_db::set_scope(conn, &write_scope).await.map_err(DbError::from)?;
-                    let query = diesel::sql_query(
-                        "INSERT INTO organizations (id, entity_id, legal_name, trade_name, siren, siret, naf_code,
-                            legal_form_code, headcount_band, addresses, website, email, phone, tags, description,
-                            external_refs, postal_code, city, department_code)
-                         VALUES ($18, $19, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
-                    )
-                    .into_boxed();
-                    bind_input(query, &input)
-                        .bind::<SqlUuid, _>(id)
-                        .bind::<SqlUuid, _>(entity)
-                        .execute(conn)
-                        .await
-                        .map_err(DbError::from)?;
-                    let created = load(conn, id).await?.ok_or_else(|| Error::internal("created row not found"))?;
-                    let created = created.to_proto();
-                    audit(conn, "crm.organizations.create", None, Some(&created)).await?;
+                    let created = insert(conn, id, entity, &input).await?;
                     Ok(CreateOrganizationResponse { organization: Some(created), duplicates })
                 })
             })
@@ -1114,7 +1128,7 @@ impl Crm {
 }
 
 /// [`load`] with the row locked for the rest of the transaction.
-async fn load_for_update(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<OrganizationRow>, Error> {
+pub(crate) async fn load_for_update(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<OrganizationRow>, Error> {
     diesel::sql_query("SELECT 1 FROM organizations WHERE id = $1 FOR UPDATE")
         .bind::<SqlUuid, _>(id)
         .execute(conn)

@@ -287,6 +287,43 @@ async fn erasing_a_contact_clears_it_everywhere_and_shreds_its_audit_values() {
         created["changes"].as_array().unwrap().iter().find(|c| c["fieldPath"] == "family_name").unwrap().clone();
     assert_eq!(family["after"], "Durand", "{created}");
 
+    // The right of access: everything about the person, and the access recorded.
+    let (status, _) =
+        w.p.call(
+            Some(&w.lyon_staff),
+            Method::POST,
+            &format!("/api/v1/contacts/{person}:exportData"),
+            Some(&lyon),
+            Some(json!({})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "staff may not export a person's data");
+    let (status, export) = w
+        .as_admin(
+            Method::POST,
+            &format!("/api/v1/contacts/{person}:exportData"),
+            &lyon,
+            Some(json!({ "requestReference": "Courrier du 2 novembre" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{export}");
+    assert_eq!(export["contact"]["familyName"], "Durand");
+    assert_eq!(export["affiliations"].as_array().unwrap().len(), 1);
+    assert_eq!(export["affiliations"][0]["organizationId"], org.as_str());
+    assert_eq!(export["interactions"].as_array().unwrap().len(), 2);
+    assert!(export["exportTime"].is_string());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let events = events_of(&w, &person).await;
+        if let Some(access) = events.iter().find(|e| e["action"] == "crm.contacts.export_personal_data") {
+            assert_eq!(access["details"]["request_reference"], "Courrier du 2 novembre", "{access}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no access event");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // Staff may not erase; a reason is required.
     let path = format!("/api/v1/contacts/{person}:erase");
     let body = json!({ "requestId": Uuid::new_v4().to_string(), "reason": "Demande RGPD n° 2026-117" });
