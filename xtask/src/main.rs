@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+mod crm_seed;
 mod postgres;
 mod seed;
 
@@ -39,7 +40,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (release build): `auth`, `audit`, `relay`.
+    /// Benchmarks (release build): `auth`, `audit`, `relay`, `crm`.
     Bench {
         /// Which benchmark.
         name: String,

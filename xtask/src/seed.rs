@@ -188,5 +188,7 @@ pub async fn demo(
         "xtask: demo data ready (national → Auvergne-Rhône-Alpes → Lyon; Lille; Bordeaux; {} people)",
         credentials.len()
     );
+    // CRM demo records, through the API as the national administrator.
+    crate::crm_seed::demo(edge, &http, &token, &root.id).await.context("CRM demo data")?;
     Ok(credentials)
 }

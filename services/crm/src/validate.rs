@@ -95,6 +95,13 @@ pub fn luhn_valid(digits: &str) -> bool {
     sum.is_multiple_of(10)
 }
 
+/// The Luhn key of `payload` (ASCII digits): the digit that, appended,
+/// makes the number pass [`luhn_valid`] (SIREN and SIRET generation in
+/// demo data and tests).
+pub fn luhn_check_digit(payload: &str) -> u32 {
+    (0..10).find(|k| luhn_valid(&format!("{payload}{k}"))).unwrap_or(0)
+}
+
 /// Normalises a SIREN (company number): removes spaces, dots and dashes and
 /// requires 9 ASCII digits (`siren_format`) with a valid Luhn key
 /// (`invalid_siren`); La Poste's SIREN `356000000` is always accepted.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use socle_crm::validate::luhn_valid;
+use socle_crm::validate::luhn_check_digit;
 use socle_proto::socle::crm::v1::{
     GetOrganizationRequest, Organization, UpdateOrganizationRequest,
     organization_service_client::OrganizationServiceClient,
@@ -61,8 +61,7 @@ fn org_ids(list: &Value) -> Vec<String> {
 
 /// A valid SIRET with the given 8-digit prefix (SIREN and SIRET Luhn keys computed).
 fn siret(prefix8: u32) -> String {
-    // The digit that makes `digits` + key pass the Luhn check.
-    let luhn_key = |digits: &str| (0..10).find(|k| luhn_valid(&format!("{digits}{k}"))).unwrap();
+    let luhn_key = luhn_check_digit;
     let siren = format!("{prefix8:08}{}", luhn_key(&format!("{prefix8:08}")));
     let body = format!("{siren}0001");
     format!("{body}{}", luhn_key(&body))
