@@ -26,6 +26,15 @@
 //!   before the start, active within the period, then grace until the grace
 //!   end unless renewed, then expired; cancelled from the cancellation date
 //!   (which must fall within the period or its grace period).
+//! - Updates: a new start date without an end date lays the period out
+//!   again from the type; a new type brings its dues (unless `dues_amount`
+//!   is given) and grace period, never new dates.
+//! - Lists: `active_on_date` keeps the periods containing the day and not
+//!   cancelled by then; `not_renewed` those without a successor.
+//! - Types offered by ancestors: the ancestors of the membership's entity
+//!   (tenancy, cached) are set for the transaction (see [`crate::ancestry`]);
+//!   a type is usable when it is the entity's own or offered by one of them,
+//!   and not archived.
 //! - Every transaction that writes memberships calls
 //!   `crm_refresh_membership`, so that the organisation's status, current
 //!   membership and member-since date (and the inherited status of its
@@ -910,6 +919,14 @@ impl Memberships {
                     apply_mask(&mut next, changes, &mask);
                     let mut v = Violations::new();
                     let given = validate(&mut v, &next, false)?;
+                    for (path, value, what) in [
+                        ("start_date", &next.start_date, "la date de début est obligatoire"),
+                        ("membership_type_id", &next.membership_type_id, "le type d'adhésion est obligatoire"),
+                    ] {
+                        if mask.contains(path) && value.trim().is_empty() {
+                            v.add(format!("membership.{path}"), what);
+                        }
+                    }
                     v.into_result()?;
                     let type_id = given.membership_type.unwrap_or(current.membership_type_id);
                     let type_changed = type_id != current.membership_type_id;
@@ -1121,6 +1138,13 @@ impl Memberships {
                     )
                     .await?;
                     let org = lock_organization(conn, previous.organization_id).await?;
+                    if org.as_ref().is_some_and(|o| o.state != OrganizationState::Active as i16) {
+                        return Err(Error::new(
+                            Code::FailedPrecondition,
+                            "cette organisation a été fusionnée : renouvelez l'adhésion de celle qui l'a absorbée",
+                        )
+                        .with_reason("ORGANIZATION_MERGED"));
+                    }
                     let band = org.map_or(0, |o| o.headcount_band);
                     let start = previous.end_date.succ_opt().unwrap_or(previous.end_date);
                     let end = period_end(t.period_kind, start);
@@ -1208,7 +1232,8 @@ impl Memberships {
                         return Err(Error::invalid_field(
                             "cancel_date",
                             format!(
-                                "la résiliation doit prendre effet pendant la période ou son délai de grâce (du {} au {})",
+                                "la résiliation doit prendre effet pendant la période ou son délai de grâce \
+                                 (du {} au {})",
                                 current.start_date,
                                 current.last_cancel_day()
                             ),
