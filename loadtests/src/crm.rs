@@ -156,7 +156,10 @@ fn pgbench(url: &str, script: &str) -> anyhow::Result<f64> {
 }
 
 pub async fn crm() -> anyhow::Result<()> {
-    println!("crm benchmark: {ORGANIZATIONS} organisations, {CONTACTS} contacts, {CLIENTS} clients, {}s per measure", RUN.as_secs());
+    println!(
+        "crm benchmark: {ORGANIZATIONS} organisations, {CONTACTS} contacts, {CLIENTS} clients, {}s per measure",
+        RUN.as_secs()
+    );
     let p = SecurePlatform::start().await?;
     let mut branches = Vec::new();
     for code in ["ARA-LYON", "HDF-LILLE", "NAQ-BORDEAUX"] {
@@ -206,7 +209,8 @@ pub async fn crm() -> anyhow::Result<()> {
     };
     let rest_list = measure("REST list (edge, page of 50)", list).await?;
 
-    let queries = ["boulangerie martin", "garage dubois", "transport", "imprimerie leroy 12", "cafe simon", "pharmacie"];
+    let queries =
+        ["boulangerie martin", "garage dubois", "transport", "imprimerie leroy 12", "cafe simon", "pharmacie"];
     let search = {
         let (http, edge, token, lyon) = (http.clone(), edge.clone(), token.clone(), lyon.clone());
         move |i: usize| {

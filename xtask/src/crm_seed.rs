@@ -28,16 +28,6 @@ use uuid::Uuid;
 /// Timeout of each API call, so that a stuck service cannot hang the start.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What a create call gave.
-enum Reply {
-    /// The record's id (just created, or created by a previous run).
-    Created(String),
-    /// HTTP 501: the service does not implement the method yet.
-    Unimplemented,
-    /// HTTP 409: the request id was used for a record deleted since.
-    Gone,
-}
-
 /// The edge's REST API, as one signed-in user.
 struct Api<'a> {
     http: &'a reqwest::Client,
@@ -68,12 +58,12 @@ impl Api<'_> {
             .collect())
     }
 
-    /// `POST /api/v1/{collection}` acting for `entity`; the created record is
-    /// read from the reply's `record` field.
-    async fn create(&self, collection: &str, record: &str, entity: &str, body: &Value) -> anyhow::Result<Reply> {
+    /// `POST /api/v1/{path}` acting for `entity`: the reply, or `None` when
+    /// the record was deleted since the first run (HTTP 409).
+    async fn post(&self, path: &str, entity: &str, body: &Value) -> anyhow::Result<Option<Value>> {
         let response = self
             .http
-            .post(format!("{}/api/v1/{collection}", self.edge))
+            .post(format!("{}/api/v1/{path}", self.edge))
             .bearer_auth(self.token)
             .header("x-socle-entity", entity)
             .timeout(CALL_TIMEOUT)
@@ -81,19 +71,49 @@ impl Api<'_> {
             .send()
             .await?;
         let status = response.status();
-        if status == reqwest::StatusCode::NOT_IMPLEMENTED {
-            return Ok(Reply::Unimplemented);
-        }
         if status == reqwest::StatusCode::CONFLICT {
-            return Ok(Reply::Gone);
+            return Ok(None);
         }
         let text = response.text().await?;
         if !status.is_success() {
-            bail!("creating {record} {}: {status} {text}", body[record]["externalRefs"]["demo"]);
+            bail!("POST /api/v1/{path}: {status} {text}");
         }
-        let reply: Value = serde_json::from_str(&text)?;
-        let id = reply[record]["id"].as_str().with_context(|| format!("no {record} id in {text}"))?;
-        Ok(Reply::Created(id.to_owned()))
+        Ok(Some(serde_json::from_str(&text)?))
+    }
+
+    /// `PATCH /api/v1/{path}` acting for `entity`: the reply.
+    async fn patch(&self, path: &str, entity: &str, body: &Value) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .patch(format!("{}/api/v1/{path}", self.edge))
+            .bearer_auth(self.token)
+            .header("x-socle-entity", entity)
+            .timeout(CALL_TIMEOUT)
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("PATCH /api/v1/{path}: {status} {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// `POST /api/v1/{collection}` acting for `entity`: the id of the
+    /// record in the reply's `record` field (just created, or created by an
+    /// earlier run with the same request id), or `None` when that record
+    /// was deleted since (HTTP 409).
+    async fn create(
+        &self,
+        collection: &str,
+        record: &str,
+        entity: &str,
+        body: &Value,
+    ) -> anyhow::Result<Option<String>> {
+        let Some(reply) = self.post(collection, entity, body).await? else { return Ok(None) };
+        let id = reply[record]["id"].as_str().with_context(|| format!("no {record} id in {reply}"))?;
+        Ok(Some(id.to_owned()))
     }
 }
 
@@ -102,85 +122,267 @@ impl Api<'_> {
 pub async fn demo(edge: &str, http: &reqwest::Client, token: &str, root_id: &str) -> anyhow::Result<()> {
     let api = Api { http, edge, token };
     let entities = api.entity_ids(root_id).await?;
-    let (mut organizations, mut contacts, mut affiliations, mut gone) = (0, 0, 0, 0);
-    // Why affiliations stopped: the service does not implement them yet
-    // (HTTP 501) or refused one; organisations and contacts go on.
-    let mut affiliations_stopped: Option<String> = None;
+    let mut counts = Counts::default();
+    let national = entities.get("NATIONAL").context("no NATIONAL entity in the demo tree")?;
+    // The national membership type, offered to every branch, and one of Lyon's own.
+    let standard = api
+        .create(
+            "membership-types",
+            "membershipType",
+            national,
+            &json!({
+                "requestId": request_id("demo-membership-type-standard").to_string(),
+                "membershipType": {
+                    "entityId": national, "code": "ADH-STANDARD", "displayName": "Adhésion standard",
+                    "description": "Cotisation annuelle selon l'effectif, année civile.",
+                    "yearlyDues": { "amountCents": 48000, "currencyCode": "EUR" },
+                    "duesBrackets": [
+                        { "headcountBand": "HEADCOUNT_BAND_FROM_1_TO_2", "amount": { "amountCents": 18000, "currencyCode": "EUR" } },
+                        { "headcountBand": "HEADCOUNT_BAND_FROM_3_TO_5", "amount": { "amountCents": 24000, "currencyCode": "EUR" } },
+                        { "headcountBand": "HEADCOUNT_BAND_FROM_6_TO_9", "amount": { "amountCents": 32000, "currencyCode": "EUR" } },
+                        { "headcountBand": "HEADCOUNT_BAND_FROM_50_TO_99", "amount": { "amountCents": 96000, "currencyCode": "EUR" } },
+                        { "headcountBand": "HEADCOUNT_BAND_FROM_100_TO_199", "amount": { "amountCents": 150000, "currencyCode": "EUR" } }
+                    ],
+                    "periodKind": "MEMBERSHIP_PERIOD_KIND_CALENDAR_YEAR", "gracePeriodDays": 90,
+                    "offeredToDescendants": true
+                }
+            }),
+        )
+        .await?
+        .context("a demo membership type was deleted: reset the demo data")?;
+    let lyon = entities.get("ARA-LYON").context("no ARA-LYON entity in the demo tree")?;
+    let young = api
+        .create(
+            "membership-types",
+            "membershipType",
+            lyon,
+            &json!({
+                "requestId": request_id("demo-membership-type-lyon-young").to_string(),
+                "membershipType": {
+                    "entityId": lyon, "code": "JEUNE-ENTREPRISE", "displayName": "Jeune entreprise (Lyon)",
+                    "description": "Douze mois de date à date pour les entreprises de moins de trois ans.",
+                    "yearlyDues": { "amountCents": 15000, "currencyCode": "EUR" },
+                    "periodKind": "MEMBERSHIP_PERIOD_KIND_ANNIVERSARY", "gracePeriodDays": 60
+                }
+            }),
+        )
+        .await?
+        .context("a demo membership type was deleted: reset the demo data")?;
+    counts.types = 2;
     for (code, planned) in plan() {
         let entity = entities.get(code).with_context(|| format!("no entity {code} in the demo tree"))?;
-        for org in planned {
+        for (index, org) in planned.into_iter().enumerate() {
+            let tags: Vec<String> = org.organization["tags"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect();
             let mut organization = org.organization;
             organization["entityId"] = json!(entity);
-            let body = json!({
-                "requestId": request_id(&org.key).to_string(),
-                "organization": organization,
-                "allowDuplicates": true,
-            });
-            let organization_id = match api.create("organizations", "organization", entity, &body).await? {
-                Reply::Created(id) => {
-                    organizations += 1;
-                    Some(id)
-                }
-                Reply::Gone => {
-                    gone += 1;
-                    None
-                }
-                Reply::Unimplemented => bail!("the CRM service does not implement organisations yet (HTTP 501)"),
+            let body = json!({ "requestId": request_id(&org.key).to_string(), "organization": organization,
+                               "allowDuplicates": true });
+            let Some(organization_id) = api.create("organizations", "organization", entity, &body).await? else {
+                counts.gone += 1;
+                continue;
             };
+            counts.organizations += 1;
+            let mut first_contact = None;
             for planned in org.contacts {
                 let mut contact = planned.contact;
                 contact["entityId"] = json!(entity);
-                let body = json!({
-                    "requestId": request_id(&planned.key).to_string(),
-                    "contact": contact,
-                    "allowDuplicates": true,
-                });
-                let contact_id = match api.create("contacts", "contact", entity, &body).await? {
-                    Reply::Created(id) => {
-                        contacts += 1;
-                        id
-                    }
-                    Reply::Gone => {
-                        gone += 1;
-                        continue;
-                    }
-                    Reply::Unimplemented => bail!("the CRM service does not implement contacts yet (HTTP 501)"),
-                };
-                let Some(organization_id) = &organization_id else { continue };
-                if affiliations_stopped.is_some() {
+                let body = json!({ "requestId": request_id(&planned.key).to_string(), "contact": contact,
+                                   "allowDuplicates": true });
+                let Some(contact_id) = api.create("contacts", "contact", entity, &body).await? else {
+                    counts.gone += 1;
                     continue;
-                }
+                };
+                counts.contacts += 1;
                 let key = planned.key.replacen("demo-contact-", "demo-affiliation-", 1);
-                let body = json!({
-                    "requestId": request_id(&key).to_string(),
-                    "affiliation": {
-                        "entityId": entity,
-                        "contactId": contact_id,
-                        "organizationId": organization_id,
-                        "roles": planned.roles,
-                        "jobTitle": planned.job_title,
-                    },
-                });
-                match api.create("affiliations", "affiliation", entity, &body).await {
-                    Ok(Reply::Created(_)) => affiliations += 1,
-                    Ok(Reply::Gone) => gone += 1,
-                    Ok(Reply::Unimplemented) => affiliations_stopped = Some("not implemented yet: HTTP 501".into()),
-                    Err(e) => affiliations_stopped = Some(format!("{e:#}")),
+                let body = json!({ "requestId": request_id(&key).to_string(), "affiliation": {
+                    "entityId": entity, "contactId": contact_id, "organizationId": organization_id,
+                    "roles": planned.roles, "jobTitle": planned.job_title } });
+                if api.create("affiliations", "affiliation", entity, &body).await?.is_some() {
+                    counts.affiliations += 1;
+                }
+                first_contact.get_or_insert(contact_id);
+            }
+            let young_company = tags.iter().any(|t| t == "jeune-entreprise");
+            let prospect = tags.iter().any(|t| t == "prospect");
+            if !prospect {
+                let anniversary = young_company && code == "ARA-LYON";
+                let type_id = if anniversary { &young } else { &standard };
+                memberships(&api, &mut counts, entity, &org.key, &organization_id, type_id, index, anniversary).await?;
+            }
+            interactions(
+                &api,
+                &mut counts,
+                entity,
+                &org.key,
+                &organization_id,
+                first_contact.as_deref(),
+                index,
+                prospect,
+            )
+            .await?;
+        }
+    }
+    let gone = if counts.gone > 0 {
+        format!("; {} skipped (HTTP 409: deleted since the first run)", counts.gone)
+    } else {
+        String::new()
+    };
+    println!(
+        "xtask: CRM demo data: {} organisations, {} contacts, {} affiliations, {} membership types, {} memberships, \
+         {} interactions{gone}",
+        counts.organizations,
+        counts.contacts,
+        counts.affiliations,
+        counts.types,
+        counts.memberships,
+        counts.interactions
+    );
+    Ok(())
+}
+
+/// What the seed created (or found again).
+#[derive(Default)]
+struct Counts {
+    organizations: usize,
+    contacts: usize,
+    affiliations: usize,
+    types: usize,
+    memberships: usize,
+    interactions: usize,
+    gone: usize,
+}
+
+/// A member's periods, so that every status shows in the demo: most are
+/// active (2026, often renewed from 2025), some let 2025 lapse (expired),
+/// some cancelled their 2026 period, young companies of Lyon are on an
+/// anniversary period in its grace days.
+#[allow(clippy::too_many_arguments)]
+async fn memberships(
+    api: &Api<'_>,
+    counts: &mut Counts,
+    entity: &str,
+    key: &str,
+    organization: &str,
+    membership_type: &str,
+    index: usize,
+    anniversary: bool,
+) -> anyhow::Result<()> {
+    let create = |start: &str, suffix: &str| {
+        json!({ "requestId": request_id(&format!("{key}-membership-{suffix}")).to_string(), "membership": {
+            "entityId": entity, "organizationId": organization, "membershipTypeId": membership_type,
+            "startDate": start } })
+    };
+    let plan: &[(&str, &str, bool)] = match index % 6 {
+        _ if anniversary => &[("2025-11-15", "2025", true)],
+        0..=2 => &[("2025-01-01", "2025", true), ("renew", "2026", true)],
+        3 => &[("2026-01-01", "2026", false)],
+        4 => &[("2025-01-01", "2025", true)],
+        _ => &[("2026-01-01", "2026", true), ("cancel", "2026", true)],
+    };
+    let mut previous: Option<(String, String)> = None;
+    for (start, suffix, paid) in plan {
+        match *start {
+            "renew" => {
+                let Some((id, etag)) = &previous else { continue };
+                let body =
+                    json!({ "requestId": request_id(&format!("{key}-membership-renew")).to_string(), "etag": etag });
+                match api.post(&format!("memberships/{id}:renew"), entity, &body).await? {
+                    Some(reply) => {
+                        counts.memberships += 1;
+                        previous = reply["membership"]["id"].as_str().map(|id| {
+                            (id.to_owned(), reply["membership"]["etag"].as_str().unwrap_or_default().to_owned())
+                        });
+                    }
+                    None => previous = None,
+                }
+            }
+            "cancel" => {
+                let Some((id, etag)) = &previous else { continue };
+                let body = json!({ "etag": etag, "cancelDate": "2026-09-30", "reason": "Cessation d'activité" });
+                api.post(&format!("memberships/{id}:cancel"), entity, &body).await?;
+            }
+            start => {
+                let body = create(start, suffix);
+                match api.post("memberships", entity, &body).await? {
+                    Some(mut reply) => {
+                        counts.memberships += 1;
+                        // Paid by transfer, once (a later run finds it paid).
+                        if *paid && reply["membership"]["paymentStatus"] == "PAYMENT_STATUS_UNPAID" {
+                            let id = reply["membership"]["id"].as_str().context("membership id")?.to_owned();
+                            let body = json!({ "membership": { "amountPaid": reply["membership"]["duesAmount"],
+                                                               "paymentDate": start,
+                                                               "paymentReference": format!("VIR-{suffix}-{}", index + 1) },
+                                               "updateMask": "amountPaid,paymentDate,paymentReference",
+                                               "etag": reply["membership"]["etag"] });
+                            reply = api.patch(&format!("memberships/{id}"), entity, &body).await?;
+                        }
+                        previous = reply["membership"]["id"].as_str().map(|id| {
+                            (id.to_owned(), reply["membership"]["etag"].as_str().unwrap_or_default().to_owned())
+                        });
+                    }
+                    None => previous = None,
                 }
             }
         }
     }
-    // TODO(issue 5): seed membership types, memberships (active, in grace,
-    // expired, cancelled; some organisations left as prospects) and
-    // interactions (calls, meetings, event attendances) once the CRM service
-    // implements them; they answer HTTP 501 today.
-    let affiliations = match affiliations_stopped {
-        None => format!("{affiliations} affiliations"),
-        Some(reason) => format!("{affiliations} affiliations (stopped: {reason})"),
-    };
-    let gone =
-        if gone > 0 { format!("; {gone} skipped (HTTP 409: deleted since the first run)") } else { String::new() };
-    println!("xtask: CRM demo data: {organizations} organisations, {contacts} contacts, {affiliations}{gone}");
+    Ok(())
+}
+
+/// A short history per company: a call, a meeting for members, an event
+/// attendance now and then.
+#[allow(clippy::too_many_arguments)]
+async fn interactions(
+    api: &Api<'_>,
+    counts: &mut Counts,
+    entity: &str,
+    key: &str,
+    organization: &str,
+    contact: Option<&str>,
+    index: usize,
+    prospect: bool,
+) -> anyhow::Result<()> {
+    let contacts: Vec<&str> = contact.into_iter().collect();
+    let day = 1 + index % 27;
+    let mut planned = vec![(
+        "INTERACTION_KIND_CALL",
+        if prospect { "Premier contact : présentation de la fédération" } else { "Point sur la cotisation" },
+        format!("2026-10-{day:02}T09:30:00Z"),
+        json!({ "direction": "INTERACTION_DIRECTION_OUTBOUND", "duration": "900s" }),
+    )];
+    if !prospect {
+        planned.push((
+            "INTERACTION_KIND_MEETING",
+            "Rendez-vous annuel d'adhérent",
+            format!("2026-06-{day:02}T14:00:00Z"),
+            json!({ "duration": "3600s", "location": "Dans les locaux de l'entreprise" }),
+        ));
+    }
+    if index.is_multiple_of(4) {
+        planned.push((
+            "INTERACTION_KIND_EVENT_ATTENDANCE",
+            "Matinale de l'emploi",
+            "2026-03-12T08:30:00Z".to_owned(),
+            json!({ "eventName": "Matinale de l'emploi 2026", "location": "Maison des entreprises" }),
+        ));
+    }
+    for (i, (kind, subject, time, extra)) in planned.into_iter().enumerate() {
+        let mut interaction = json!({ "entityId": entity, "kind": kind, "subject": subject, "occurTime": time,
+                                      "organizationId": organization, "contactIds": contacts,
+                                      "body": "Échange noté par l'équipe de l'antenne (données de démonstration)." });
+        if let (Some(target), Some(extra)) = (interaction.as_object_mut(), extra.as_object()) {
+            target.extend(extra.clone());
+        }
+        let body = json!({ "requestId": request_id(&format!("{key}-interaction-{i}")).to_string(),
+                           "interaction": interaction });
+        if api.post("interactions", entity, &body).await?.is_some() {
+            counts.interactions += 1;
+        }
+    }
     Ok(())
 }
 

@@ -49,7 +49,7 @@ fn status_sql() -> String {
 }
 
 /// The computed columns of [`ContactRow`], in the same statement.
-fn computed_columns() -> String {
+pub(crate) fn computed_columns() -> String {
     format!(
         "{} AS membership_status,
          coalesce((SELECT jsonb_agg(jsonb_build_object('organization_id', o.id, 'legal_name', o.legal_name,
@@ -493,7 +493,83 @@ async fn hints(
         .map_err(DbError::from)?)
 }
 
-async fn find_duplicates(
+impl ContactInput {
+    /// What two contacts share when [`hints`] may pair them: e-mail and
+    /// phone keys, and the postal code a similar name needs.
+    pub(crate) fn duplicate_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.email_keys().into_iter().map(|k| format!("email:{k}")).collect();
+        keys.extend(self.phone_keys().into_iter().map(|k| format!("phone:{k}")));
+        let postal = self.postal_code();
+        if !postal.is_empty() {
+            keys.push(format!("postal:{postal}"));
+        }
+        keys
+    }
+}
+
+/// Whether each of `inputs` has duplicate hints (as [`hints`] finds them),
+/// in one statement.
+pub(crate) async fn have_hints(conn: &mut AsyncPgConnection, inputs: &[&ContactInput]) -> Result<Vec<bool>, Error> {
+    #[derive(QueryableByName)]
+    struct Index {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    if inputs.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Keys hold no control character: lists travel joined by U+001F.
+    let joined = |keys: Vec<String>| keys.join("\u{1f}");
+    let found: Vec<Index> = diesel::sql_query(
+        "SELECT DISTINCT i.n FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                WITH ORDINALITY AS i(emails, phones, name_key, postal_code, n)
+          CROSS JOIN LATERAL crm_contact_duplicate_hints(string_to_array(i.emails, chr(31)),
+                string_to_array(i.phones, chr(31)), i.name_key, i.postal_code, NULL, 1) h",
+    )
+    .bind::<Array<Text>, _>(inputs.iter().map(|i| joined(i.email_keys())).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(inputs.iter().map(|i| joined(i.phone_keys())).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(inputs.iter().map(|i| i.name_key()).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(inputs.iter().map(|i| i.postal_code()).collect::<Vec<_>>())
+    .load(conn)
+    .await
+    .map_err(DbError::from)?;
+    let mut flags = vec![false; inputs.len()];
+    for Index { n } in found {
+        flags[(n - 1) as usize] = true;
+    }
+    Ok(flags)
+}
+
+/// Writes the new contact `id` of `entity` from `input` and its audit event
+/// (`crm.contacts.create`), in the caller's transaction, whose scope must
+/// allow `entity`. Returns the created record.
+pub(crate) async fn insert(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    entity: Uuid,
+    input: &ContactInput,
+) -> Result<Contact, Error> {
+    let query = diesel::sql_query(
+        "INSERT INTO contacts (id, entity_id, civility, given_name, family_name, job_title, emails,
+            phones, address, consents, tags, external_refs, email_keys, phone_keys, postal_code)
+         VALUES ($14, $15, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+    )
+    .into_boxed();
+    bind_input(query, input)
+        .bind::<SqlUuid, _>(id)
+        .bind::<SqlUuid, _>(entity)
+        .execute(conn)
+        .await
+        .map_err(DbError::from)?;
+    let created = load(conn, id).await?.ok_or_else(|| Error::internal("created row not found"))?;
+    let created = created.to_proto();
+    audit(conn, "crm.contacts.create", None, Some(&created)).await?;
+    Ok(created)
+}
+
+/// Likely duplicates of `input` (hints, then the details of those the
+/// caller may read); the transaction is left in the `readable` scope.
+pub(crate) async fn find_duplicates(
     conn: &mut AsyncPgConnection,
     input: &ContactInput,
     exclude: Option<Uuid>,
@@ -533,7 +609,12 @@ fn bind_input<'f>(query: Boxed<'f>, input: &ContactInput) -> Boxed<'f> {
 
 /// Writes `input` over the record `id` if it is still at `version` (else
 /// `ABORTED`: someone changed it since it was read).
-pub(crate) async fn write(conn: &mut AsyncPgConnection, id: Uuid, version: i64, input: &ContactInput) -> Result<(), Error> {
+pub(crate) async fn write(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    version: i64,
+    input: &ContactInput,
+) -> Result<(), Error> {
     let query = diesel::sql_query(
         "UPDATE contacts SET civility = $1, given_name = $2, family_name = $3, job_title = $4,
                             emails = $5, phones = $6, address = $7, consents = $8, tags = $9, external_refs = $10,
@@ -646,6 +727,91 @@ fn order(order_by: &str) -> Result<Order, Error> {
     })
 }
 
+/// The filters of a contact list or export, validated.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Filters {
+    organization: Option<Uuid>,
+    tags: Vec<String>,
+    statuses: Vec<i16>,
+    topic: i32,
+    channel: i32,
+    query: String,
+    include_inactive: bool,
+}
+
+/// Validates the filters of a contact list or export.
+pub(crate) fn filters(
+    organization_id: &str,
+    tags: &[String],
+    statuses: &[i32],
+    consent_topic: i32,
+    consent_channel: i32,
+    query: &str,
+    include_inactive: bool,
+) -> Result<Filters, Error> {
+    let mut v = Violations::new();
+    let organization = socle_api::parse_optional_id("organization_id", organization_id).map_err(|e| absorb(&mut v, e));
+    let tags =
+        validate::normalize_tags(tags).map_err(|(i, reason)| v.add(format!("tags[{i}]"), validate::describe(reason)));
+    let mut kept = Vec::new();
+    for (i, s) in statuses.iter().enumerate() {
+        match MembershipStatus::try_from(*s) {
+            Ok(MembershipStatus::Unspecified) | Err(_) => v.add(format!("membership_statuses[{i}]"), "statut inconnu"),
+            Ok(s) => kept.push(s as i16),
+        }
+    }
+    let topic = ConsentTopic::try_from(consent_topic).unwrap_or(ConsentTopic::Unspecified) as i32;
+    let channel = ConsentChannel::try_from(consent_channel).unwrap_or(ConsentChannel::Unspecified) as i32;
+    if (topic == 0) != (channel == 0) {
+        v.add(
+            if topic == 0 { "consent_topic" } else { "consent_channel" },
+            "consent_topic et consent_channel vont ensemble",
+        );
+    }
+    let query = query.trim().to_owned();
+    v.check(query.chars().count() <= 200, "query", "au plus 200 caractères");
+    v.into_result()?;
+    let (Ok(organization), Ok(tags)) = (organization, tags) else { return Err(Error::internal("violations")) };
+    kept.sort_unstable();
+    kept.dedup();
+    Ok(Filters { organization, tags, statuses: kept, topic, channel, query, include_inactive })
+}
+
+/// The `WHERE` clause of lists and exports over `contacts c`: binds $1
+/// (entities) to $9; the keyset binds are $10 and $11.
+pub(crate) fn where_sql() -> String {
+    format!(
+        "c.entity_id = ANY($1)
+                AND ($2 OR c.state = 1)
+                AND ($3::uuid IS NULL OR EXISTS (SELECT 1 FROM affiliations a WHERE a.contact_id = c.id
+                     AND a.organization_id = $3 AND (a.end_date IS NULL OR a.end_date >= {TODAY_SQL})))
+                AND c.tags @> $4
+                AND (cardinality($5::smallint[]) = 0 OR {status} = ANY($5))
+                AND ($6::jsonb IS NULL OR c.consents @> $6)
+                AND ($7 = '' OR c.name_key LIKE $7 || '%' OR socle_fold(c.given_name) LIKE $7 || '%'
+                     OR EXISTS (SELECT 1 FROM unnest(c.email_keys) k WHERE k LIKE $8 || '%'))
+                AND $9",
+        status = status_sql()
+    )
+}
+
+/// Binds the filters of [`where_sql`] ($1 to $9).
+pub(crate) fn bind_filters<'f>(query: Boxed<'f>, entities: Vec<Uuid>, f: &Filters) -> Boxed<'f> {
+    let consent =
+        (f.topic != 0).then(|| serde_json::json!([{ "topic": f.topic, "channel": f.channel, "granted": true }]));
+    query
+        .bind::<Array<SqlUuid>, _>(entities)
+        .bind::<Bool, _>(f.include_inactive)
+        .bind::<Nullable<SqlUuid>, _>(f.organization)
+        .bind::<Array<Text>, _>(f.tags.clone())
+        .bind::<Array<SmallInt>, _>(f.statuses.clone())
+        .bind::<Nullable<Jsonb>, _>(consent)
+        .bind::<Text, _>(like_literal(&sql_fold(&f.query)))
+        .bind::<Text, _>(like_literal(&f.query.to_lowercase()))
+        // Reserved for later filters, always true for now.
+        .bind::<Bool, _>(true)
+}
+
 impl Crm {
     pub async fn create_contact(
         &self,
@@ -683,21 +849,7 @@ impl Crm {
                         return Err(duplicate_conflict(duplicates));
                     }
                     socle_db::set_scope(conn, &write_scope).await.map_err(DbError::from)?;
-                    let query = diesel::sql_query(
-                        "INSERT INTO contacts (id, entity_id, civility, given_name, family_name, job_title, emails,
-                            phones, address, consents, tags, external_refs, email_keys, phone_keys, postal_code)
-                         VALUES ($14, $15, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-                    )
-                    .into_boxed();
-                    bind_input(query, &input)
-                        .bind::<SqlUuid, _>(id)
-                        .bind::<SqlUuid, _>(entity)
-                        .execute(conn)
-                        .await
-                        .map_err(DbError::from)?;
-                    let created = load(conn, id).await?.ok_or_else(|| Error::internal("created row not found"))?;
-                    let created = created.to_proto();
-                    audit(conn, "crm.contacts.create", None, Some(&created)).await?;
+                    let created = insert(conn, id, entity, &input).await?;
                     Ok(CreateContactResponse { contact: Some(created), duplicates })
                 })
             })
@@ -719,83 +871,38 @@ impl Crm {
         let entity = caller.entity_or_acting("entity_id", &r.entity_id)?;
         let order_by = r.order_by.trim().to_owned();
         let order = order(&order_by)?;
-        let mut v = Violations::new();
-        let organization =
-            socle_api::parse_optional_id("organization_id", &r.organization_id).map_err(|e| absorb(&mut v, e));
-        let tags = validate::normalize_tags(&r.tags)
-            .map_err(|(i, reason)| v.add(format!("tags[{i}]"), validate::describe(reason)));
-        let mut statuses = Vec::new();
-        for (i, s) in r.membership_statuses.iter().enumerate() {
-            match MembershipStatus::try_from(*s) {
-                Ok(MembershipStatus::Unspecified) | Err(_) => {
-                    v.add(format!("membership_statuses[{i}]"), "statut inconnu")
-                }
-                Ok(s) => statuses.push(s as i16),
-            }
-        }
-        let topic = ConsentTopic::try_from(r.consent_topic).unwrap_or(ConsentTopic::Unspecified) as i32;
-        let channel = ConsentChannel::try_from(r.consent_channel).unwrap_or(ConsentChannel::Unspecified) as i32;
-        if (topic == 0) != (channel == 0) {
-            v.add(
-                if topic == 0 { "consent_topic" } else { "consent_channel" },
-                "consent_topic et consent_channel vont ensemble",
-            );
-        }
-        let query = r.query.trim().to_owned();
-        v.check(query.chars().count() <= 200, "query", "au plus 200 caractères");
-        v.into_result()?;
-        let (Ok(organization), Ok(tags)) = (organization, tags) else { return Err(Error::internal("violations")) };
-        statuses.sort_unstable();
-        statuses.dedup();
+        let f = filters(
+            &r.organization_id,
+            &r.tags,
+            &r.membership_statuses,
+            r.consent_topic,
+            r.consent_channel,
+            &r.query,
+            r.include_inactive,
+        )?;
         let fingerprint = format!(
-            "{entity}|{}|{order_by}|{organization:?}|{tags:?}|{statuses:?}|{topic}|{channel}|{query}|{}",
-            r.include_descendants, r.include_inactive
+            "{entity}|{}|{order_by}|{:?}|{:?}|{:?}|{}|{}|{}|{}",
+            r.include_descendants, f.organization, f.tags, f.statuses, f.topic, f.channel, f.query, f.include_inactive
         );
         let after = PageToken::<(String, Uuid)>::decode(&r.page_token, &fingerprint)?.map(|t| t.after);
         let scope = self.list_scope(caller, "crm.contacts.read", entity, r.include_descendants).await?;
         let entities = scope_ids(&scope, entity);
-        let consent = if topic == 0 {
-            serde_json::Value::Null
-        } else {
-            serde_json::json!([{ "topic": topic, "channel": channel, "granted": true }])
-        };
         let sql = format!(
             "SELECT {COLUMNS}, {computed} FROM contacts c
-              WHERE c.entity_id = ANY($1)
-                AND ($2 OR c.state = 1)
-                AND ($3::uuid IS NULL OR EXISTS (SELECT 1 FROM affiliations a WHERE a.contact_id = c.id
-                     AND a.organization_id = $3 AND (a.end_date IS NULL OR a.end_date >= {TODAY_SQL})))
-                AND c.tags @> $4
-                AND (cardinality($5::smallint[]) = 0 OR {status} = ANY($5))
-                AND ($6::jsonb IS NULL OR c.consents @> $6)
-                AND ($7 = '' OR c.name_key LIKE $7 || '%' OR socle_fold(c.given_name) LIKE $7 || '%'
-                     OR EXISTS (SELECT 1 FROM unnest(c.email_keys) k WHERE k LIKE $8 || '%'))
-                AND $9
+              WHERE {filters}
                 AND ($10::text IS NULL OR {after})
               ORDER BY {order} LIMIT {limit}",
             computed = computed_columns(),
-            status = status_sql(),
+            filters = where_sql(),
             after = order.after,
             order = order.sql,
             limit = size + 1
         );
-        let folded = like_literal(&sql_fold(&query));
-        let email_prefix = like_literal(&query.to_lowercase());
-        let include_inactive = r.include_inactive;
         let mut rows: Vec<ContactRow> = self
             .db
             .transaction(&scope, move |conn| {
                 Box::pin(async move {
-                    diesel::sql_query(sql)
-                        .bind::<Array<SqlUuid>, _>(entities)
-                        .bind::<Bool, _>(include_inactive)
-                        .bind::<Nullable<SqlUuid>, _>(organization)
-                        .bind::<Array<Text>, _>(tags)
-                        .bind::<Array<SmallInt>, _>(statuses)
-                        .bind::<Nullable<Jsonb>, _>(Some(consent).filter(|c| !c.is_null()))
-                        .bind::<Text, _>(folded)
-                        .bind::<Text, _>(email_prefix)
-                        .bind::<Bool, _>(true)
+                    bind_filters(diesel::sql_query(sql).into_boxed(), entities, &f)
                         .bind::<Nullable<Text>, _>(after.as_ref().map(|a| a.0.clone()))
                         .bind::<Nullable<SqlUuid>, _>(after.as_ref().map(|a| a.1))
                         .load(conn)
@@ -848,7 +955,8 @@ impl Crm {
                         // duplicate already known before the change does not
                         // block unrelated edits.
                         let known = validate(&before, "contact", false)?;
-                        let mut known: Vec<Uuid> = hints(conn, &known, Some(id), 50).await?.iter().map(|h| h.id).collect();
+                        let mut known: Vec<Uuid> =
+                            hints(conn, &known, Some(id), 50).await?.iter().map(|h| h.id).collect();
                         // Pairs reviewed as not duplicates are not proposed again.
                         known.extend(crate::duplicates::dismissed_partners(conn, RecordKind::Contact, id).await?);
                         let duplicates = find_duplicates(conn, &input, Some(id), 10, &readable, &known).await?;
@@ -924,7 +1032,8 @@ impl Crm {
     }
 }
 
-async fn load_for_update(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<ContactRow>, Error> {
+/// [`load`] with the row locked for the rest of the transaction.
+pub(crate) async fn load_for_update(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<ContactRow>, Error> {
     diesel::sql_query("SELECT 1 FROM contacts WHERE id = $1 FOR UPDATE")
         .bind::<SqlUuid, _>(id)
         .execute(conn)
@@ -1005,12 +1114,20 @@ impl ContactService for Crm {
 
     async fn import_contacts(
         &self,
-        _request: Request<tonic::Streaming<ImportContactsRequest>>,
+        request: Request<tonic::Streaming<ImportContactsRequest>>,
     ) -> Result<Response<ImportContactsResponse>, Status> {
-        Err(crate::not_yet("importing contacts"))
+        let (request_id, caller) = (rid(&request), Caller::of(&request));
+        let result = Crm::import(self, &caller, crate::imports::Kind::Contacts, request.into_inner()).await;
+        reply(result.map(|job| ImportContactsResponse { import_job: Some(job) }), request_id)
     }
 
-    // ExportContacts: not built yet (the generated default answers UNIMPLEMENTED).
+    async fn export_contacts(
+        &self,
+        request: Request<ExportContactsRequest>,
+    ) -> Result<Response<crate::exports::Pieces<ExportContactsResponse>>, Status> {
+        let (request_id, caller) = (rid(&request), Caller::of(&request));
+        reply(Crm::export_contacts(self, &caller, request.into_inner()).await, request_id)
+    }
 
     async fn export_contact_data(
         &self,

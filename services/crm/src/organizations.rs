@@ -36,7 +36,7 @@ pub(crate) const COLUMNS: &str = "o.id, o.entity_id, o.legal_name, o.trade_name,
 
 /// The computed columns of [`OrganizationRow`]: membership status and
 /// contact count, in the same statement (no query per row).
-fn computed_columns() -> String {
+pub(crate) fn computed_columns() -> String {
     format!(
         "crm_membership_status(o.latest_membership_id, o.latest_membership_cancelled, o.member_since,
             o.latest_membership_end, o.latest_membership_grace_end, {TODAY_SQL}) AS membership_status,
@@ -444,6 +444,63 @@ async fn hints(
         .map_err(DbError::from)?)
 }
 
+impl OrganizationInput {
+    /// What two organisations share when [`hints`] may pair them: their
+    /// identifiers, and the postal code a similar name needs.
+    pub(crate) fn duplicate_keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        keys.extend(self.siren.iter().map(|s| format!("siren:{s}")));
+        keys.extend(self.siret.iter().map(|s| format!("siret:{s}")));
+        if !self.email.is_empty() {
+            keys.push(format!("email:{}", self.email.to_lowercase()));
+        }
+        if !self.phone.is_empty() {
+            keys.push(format!("phone:{}", self.phone));
+        }
+        if let Some(a) = self.primary().filter(|a| !a.postal_code.is_empty()) {
+            keys.push(format!("postal:{}", a.postal_code));
+        }
+        keys
+    }
+}
+
+/// Whether each of `inputs` has duplicate hints (as [`hints`] finds them),
+/// in one statement.
+pub(crate) async fn have_hints(
+    conn: &mut AsyncPgConnection,
+    inputs: &[&OrganizationInput],
+) -> Result<Vec<bool>, Error> {
+    #[derive(QueryableByName)]
+    struct Index {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    if inputs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = |f: fn(&OrganizationInput) -> String| inputs.iter().map(|i| f(i)).collect::<Vec<_>>();
+    let found: Vec<Index> = diesel::sql_query(
+        "SELECT DISTINCT i.n FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+                WITH ORDINALITY AS i(siren, siret, email, phone, name_key, postal_code, n)
+          CROSS JOIN LATERAL crm_organization_duplicate_hints(i.siren, i.siret, i.email, i.phone, i.name_key,
+                i.postal_code, NULL, 1) h",
+    )
+    .bind::<Array<Text>, _>(text(|i| i.siren.clone().unwrap_or_default()))
+    .bind::<Array<Text>, _>(text(|i| i.siret.clone().unwrap_or_default()))
+    .bind::<Array<Text>, _>(text(|i| i.email.to_lowercase()))
+    .bind::<Array<Text>, _>(text(|i| i.phone.clone()))
+    .bind::<Array<Text>, _>(text(|i| i.name_key()))
+    .bind::<Array<Text>, _>(text(|i| i.primary().map(|a| a.postal_code.clone()).unwrap_or_default()))
+    .load(conn)
+    .await
+    .map_err(DbError::from)?;
+    let mut flags = vec![false; inputs.len()];
+    for Index { n } in found {
+        flags[(n - 1) as usize] = true;
+    }
+    Ok(flags)
+}
+
 /// Writes the new organisation `id` of `entity` from `input` and its audit
 /// event (`crm.organizations.create`), in the caller's transaction, whose
 /// scope must allow `entity`. Returns the created record.
@@ -523,7 +580,12 @@ fn bind_input<'f>(query: Boxed<'f>, input: &OrganizationInput) -> Boxed<'f> {
 
 /// Writes `input` over the record `id` if it is still at `version` (else
 /// `ABORTED`: someone changed it since it was read).
-pub(crate) async fn write(conn: &mut AsyncPgConnection, id: Uuid, version: i64, input: &OrganizationInput) -> Result<(), Error> {
+pub(crate) async fn write(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    version: i64,
+    input: &OrganizationInput,
+) -> Result<(), Error> {
     let query = diesel::sql_query(
         "UPDATE organizations SET legal_name = $1, trade_name = $2, siren = $3, siret = $4,
                             naf_code = $5, legal_form_code = $6, headcount_band = $7, addresses = $8, website = $9,
@@ -1029,7 +1091,8 @@ impl Crm {
                         // duplicate already known before the change does not
                         // block unrelated edits.
                         let known = validate(&before, "organization", false)?;
-                        let mut known: Vec<Uuid> = hints(conn, &known, Some(id), 50).await?.iter().map(|h| h.id).collect();
+                        let mut known: Vec<Uuid> =
+                            hints(conn, &known, Some(id), 50).await?.iter().map(|h| h.id).collect();
                         // Pairs reviewed as not duplicates are not proposed again.
                         known.extend(crate::duplicates::dismissed_partners(conn, RecordKind::Organization, id).await?);
                         let duplicates = find_duplicates(conn, &input, Some(id), 10, &readable, &known).await?;
@@ -1210,10 +1273,18 @@ impl OrganizationService for Crm {
 
     async fn import_organizations(
         &self,
-        _request: Request<tonic::Streaming<ImportOrganizationsRequest>>,
+        request: Request<tonic::Streaming<ImportOrganizationsRequest>>,
     ) -> Result<Response<ImportOrganizationsResponse>, Status> {
-        Err(crate::not_yet("importing organisations"))
+        let (request_id, caller) = (rid(&request), Caller::of(&request));
+        let result = Crm::import(self, &caller, crate::imports::Kind::Organizations, request.into_inner()).await;
+        reply(result.map(|job| ImportOrganizationsResponse { import_job: Some(job) }), request_id)
     }
 
-    // ExportOrganizations: not built yet (the generated default answers UNIMPLEMENTED).
+    async fn export_organizations(
+        &self,
+        request: Request<ExportOrganizationsRequest>,
+    ) -> Result<Response<crate::exports::Pieces<ExportOrganizationsResponse>>, Status> {
+        let (request_id, caller) = (rid(&request), Caller::of(&request));
+        reply(Crm::export_organizations(self, &caller, request.into_inner()).await, request_id)
+    }
 }
