@@ -14,7 +14,7 @@
 
 use std::{collections::HashMap, sync::Arc, task::Poll};
 
-use futures::future::BoxFuture;
+use futures::{StreamExt, future::BoxFuture};
 use http_body_util::BodyExt;
 use prost_reflect::DescriptorPool;
 use prost_reflect::ReflectMessage;
@@ -23,9 +23,45 @@ use socle_proto::options::{AccessRule, access_rule};
 
 use crate::{audit, request_id::RequestId};
 
-/// The largest request the authorization layer reads to find the target
-/// entity (beyond, the call is refused rather than buffered).
+/// The largest first message the authorization layer reads to find the
+/// target entity (beyond, the call is refused rather than buffered). Only
+/// the first message is read: the rest of a client stream (an upload's
+/// chunks) flows to the handler untouched, whatever its total size.
 const MAX_INSPECTED_BODY: usize = 8 * 1024 * 1024;
+
+/// Reads `body` until its first gRPC message is complete (or the body
+/// ends); returns those bytes and a body replaying them before the rest.
+async fn first_message(body: tonic::body::Body) -> Result<(bytes::Bytes, tonic::body::Body), ()> {
+    let mut body = body;
+    let mut buffered = bytes::BytesMut::new();
+    loop {
+        if buffered.len() >= 5 {
+            let length = u32::from_be_bytes([buffered[1], buffered[2], buffered[3], buffered[4]]) as usize;
+            if length > MAX_INSPECTED_BODY {
+                return Err(());
+            }
+            if buffered.len() >= 5 + length {
+                break;
+            }
+        }
+        match body.frame().await {
+            None => break,
+            Some(Err(_)) => return Err(()),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => buffered.extend_from_slice(&data),
+                // Trailers before the first message is complete: nothing more to read.
+                Err(_) => break,
+            },
+        }
+    }
+    let head = buffered.freeze();
+    let replay = futures::stream::once({
+        let head = head.clone();
+        async move { Ok::<_, tonic::Status>(http_body::Frame::data(head)) }
+    })
+    .chain(http_body_util::BodyStream::new(body).map(|frame| frame.map_err(|e| tonic::Status::from_error(e.into()))));
+    Ok((head, tonic::body::Body::new(http_body_util::StreamBody::new(replay))))
+}
 
 /// The value of a (dotted) string field in the first gRPC message of `body`.
 fn entity_of(body: &[u8], method: &prost_reflect::MethodDescriptor, path: &str) -> Option<String> {
@@ -260,17 +296,11 @@ where
                     let mut entity = None;
                     if !rule.entity_field.is_empty() {
                         let (parts, body) = request.into_parts();
-                        let bytes = match http_body_util::Limited::new(body, MAX_INSPECTED_BODY).collect().await {
-                            Ok(collected) => collected.to_bytes(),
-                            Err(_) => {
-                                return deny(Error::invalid_argument(
-                                    "the request could not be read for authorization",
-                                ));
-                            }
+                        let Ok((head, body)) = first_message(body).await else {
+                            return deny(Error::invalid_argument("the request could not be read for authorization"));
                         };
-                        entity = entity_of(&bytes, &method, &rule.entity_field);
-                        request =
-                            http::Request::from_parts(parts, tonic::body::Body::new(http_body_util::Full::new(bytes)));
+                        entity = entity_of(&head, &method, &rule.entity_field);
+                        request = http::Request::from_parts(parts, body);
                     }
                     let decision = audit::scope(
                         context.clone(),

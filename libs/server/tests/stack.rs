@@ -181,3 +181,29 @@ async fn the_layer_reads_the_target_entity_from_the_request_and_passes_the_body_
     let refused = client.get_widget(GetWidgetRequest::default()).await.unwrap_err();
     assert!(refused.message().contains("None"), "{}", refused.message());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_stream_is_authorized_on_its_first_message_and_flows_on_whatever_its_size() {
+    use socle_testproto::socle::example::v1::ImportWidgetsRequest;
+    let server = socle_testkit::example::spawn_example_with(
+        ServerSettings::default(),
+        None,
+        Some(std::sync::Arc::new(OnlyBranchA)),
+    )
+    .await
+    .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(server.url()).unwrap().connect().await.unwrap();
+    let mut client = ExampleServiceClient::new(channel);
+    // 12 MiB in 1 MiB messages: more than the layer would ever buffer (8 MiB).
+    let messages = |entity: &str| {
+        let mut all = vec![ImportWidgetsRequest { entity_id: entity.into(), chunk: vec![b'a'; 1024] }];
+        all.extend((0..12).map(|_| ImportWidgetsRequest { entity_id: String::new(), chunk: vec![b'b'; 1 << 20] }));
+        futures::stream::iter(all)
+    };
+    let reply = client.import_widgets(messages("branch-a")).await.unwrap().into_inner();
+    assert_eq!(reply.entity_id, "branch-a");
+    assert_eq!(reply.message_count, 13, "every message reached the handler");
+    assert_eq!(reply.byte_count, 1024 + 12 * (1 << 20));
+    let refused = client.import_widgets(messages("branch-b")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+}

@@ -114,6 +114,22 @@ impl ExampleService for Example {
         Ok(Response::new(Box::pin(futures::stream::iter(items.collect::<Vec<_>>()))))
     }
 
+    async fn import_widgets(
+        &self,
+        request: Request<tonic::Streaming<ImportWidgetsRequest>>,
+    ) -> Result<Response<ImportWidgetsResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut reply = ImportWidgetsResponse::default();
+        while let Some(message) = stream.message().await? {
+            if reply.message_count == 0 {
+                reply.entity_id = message.entity_id;
+            }
+            reply.message_count += 1;
+            reply.byte_count += message.chunk.len() as i64;
+        }
+        Ok(Response::new(reply))
+    }
+
     async fn upload_widget_file(
         &self,
         request: Request<tonic::Streaming<UploadWidgetFileRequest>>,
