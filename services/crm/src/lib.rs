@@ -7,10 +7,15 @@
 //!
 //! Built: organisations ([`organizations`]) and contacts ([`contacts`])
 //! with validation, duplicate detection, keyset lists, etags and idempotent
-//! creates; accent-insensitive and fuzzy search ([`search`]); CSV imports
-//! with per-row reports ([`imports`]) and streamed CSV / JSON Lines exports
-//! ([`exports`]). The RPCs not built yet answer `UNIMPLEMENTED` and say
-//! which capability is missing.
+//! creates; affiliations ([`affiliations`]), membership types and
+//! memberships ([`membership_types`], [`memberships`]), interactions
+//! ([`interactions`]); accent-insensitive and fuzzy search ([`search`]) and
+//! tags in use ([`tags`]); merges and their undoing ([`merges`]), batch
+//! duplicate scans ([`duplicates`]); CSV imports with per-row reports
+//! ([`imports`]) and streamed CSV / JSON Lines exports ([`exports`]) of
+//! organisations and contacts; GDPR access and erasure ([`gdpr`]). Not
+//! built: the imports and exports of memberships and interactions, which
+//! answer `UNIMPLEMENTED` (the generated defaults).
 
 pub mod affiliations;
 pub mod ancestry;
@@ -26,6 +31,7 @@ pub mod memberships;
 pub mod merges;
 pub mod organizations;
 pub mod search;
+pub mod tags;
 pub mod validate;
 
 use std::sync::Arc;
@@ -43,14 +49,6 @@ pub const NAME: &str = "crm";
 
 /// The embedded migrations of the service database.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
-
-/// The answer of an RPC whose capability is not built yet (unused while
-/// every handler is written; kept for the next ones).
-#[allow(dead_code)]
-pub(crate) fn not_yet(what: &str) -> tonic::Status {
-    socle_errors::Error::new(socle_errors::Code::Unimplemented, format!("{what} is not implemented yet"))
-        .into_status(None)
-}
 
 /// Runs the service until `ctx.shutdown` resolves.
 pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
@@ -83,11 +81,8 @@ pub async fn run(ctx: ServiceContext) -> Result<(), ServerError> {
             platform.clone(),
         )))
         .add_service(search_service_server::SearchServiceServer::new(crm.clone()))
-        .add_service(import_job_service_server::ImportJobServiceServer::new(crm.clone()));
-    let host = socle_server::unimplemented_services!(
-        host,
-        tag_service_server::{TagServiceServer, TagService},
-    );
+        .add_service(import_job_service_server::ImportJobServiceServer::new(crm.clone()))
+        .add_service(tag_service_server::TagServiceServer::new(crm.clone()));
     host.serve(ctx.listener, ctx.shutdown).await
 }
 

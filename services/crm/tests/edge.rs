@@ -371,6 +371,20 @@ async fn lists_filter_order_and_page_with_stable_tokens_and_search_ignores_accen
     assert_eq!(status, 400, "{problem}");
     assert_eq!(violation_fields(&problem), vec!["orderBy"]);
 
+    // Tags in use, most used first, by prefix, in pages.
+    let (status, tags) = w.call(&w.lyon_staff, Method::GET, "/api/v1/tags?pageSize=1", &lyon, None).await;
+    assert_eq!(status, 200, "{tags}");
+    assert_eq!(tags["tags"], json!([{ "tag": "artisanat", "recordCount": "3" }]));
+    let next = tags["nextPageToken"].as_str().unwrap().to_owned();
+    let (_, tags) =
+        w.call(&w.lyon_staff, Method::GET, &format!("/api/v1/tags?pageSize=1&pageToken={next}"), &lyon, None).await;
+    assert_eq!(tags["tags"], json!([{ "tag": "jeune-entreprise", "recordCount": "2" }]));
+    assert!(tags.get("nextPageToken").is_none_or(|t| t == ""), "{tags}");
+    let (_, tags) = w.call(&w.lyon_staff, Method::GET, "/api/v1/tags?prefix=JEU", &lyon, None).await;
+    assert_eq!(tags["tags"], json!([{ "tag": "jeune-entreprise", "recordCount": "2" }]));
+    let (_, tags) = w.call(&w.lille_staff, Method::GET, "/api/v1/tags", &w.lille, None).await;
+    assert!(tags.get("tags").is_none(), "Lille sees no tag of Lyon: {tags}");
+
     // Search: accents and case ignored, typos tolerated, identifiers exact.
     let search = |query: &str| {
         let body = json!({ "query": query });
