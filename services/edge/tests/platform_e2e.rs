@@ -65,7 +65,12 @@ async fn contract_rpcs_not_built_yet_answer_unimplemented_through_every_protocol
     let platform = Platform::start().await.expect("platform starts");
     let edge = platform.edge_url();
     // A REST route generated from the crm contract reaches the crm service.
-    let response = reqwest::get(format!("{edge}/api/v1/merges/8b7d7d0e-4b1a-4c8e-9d43-6f1f2a0f0a11")).await.unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("{edge}/api/v1/memberships:export"))
+        .json(&serde_json::json!({ "entityId": "8b7d7d0e-4b1a-4c8e-9d43-6f1f2a0f0a11" }))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 501);
     let problem: serde_json::Value = response.json().await.unwrap();
     assert_eq!(problem["code"], "UNIMPLEMENTED");
