@@ -35,6 +35,9 @@ const RUN: Duration = Duration::from_secs(10);
 const CLIENTS: usize = 8;
 const ORGANIZATIONS: i64 = 100_000;
 const CONTACTS: i64 = 300_000;
+/// French family names (the most frequent ones), for realistic diversity.
+const FAMILIES: &str = "['Martin','Bernard','Thomas','Petit','Robert','Richard','Durand','Dubois','Moreau','Laurent','Simon','Michel','Lefèvre','Leroy','Roux','David','Bertrand','Morel','Fournier','Girard','Bonnet','Dupont','Lambert','Fontaine','Rousseau','Vincent','Muller','Lefèbvre','Faure','André','Mercier','Blanc','Guérin','Boyer','Garnier','Chevalier','François','Legrand','Gauthier','Garcia','Perrin','Robin','Clément','Morin','Nicolas','Henry','Roussel','Mathieu','Gautier','Masson','Marchand','Duval','Denis','Dumont','Marie','Lemaire','Noël','Meyer','Dufour','Meunier','Brun','Blanchard','Giraud','Joly','Rivière','Lucas','Brunet','Gaillard','Barbier','Arnaud','Martinez','Gérard','Roche','Renard','Schmitt','Roy','Leroux','Colin','Vidal','Caron','Picard','Roger','Fabre','Aubert','Lemoine','Renaud','Dumas','Lacroix','Olivier','Philippe','Bourgeois','Pierre','Benoît','Rey','Leclerc','Payet','Rolland','Leclercq','Guillaume','Lecomte','Lopez','Jean','Dupuy','Guillot','Hubert','Berger','Carpentier','Sanchez','Dupuis','Moulin','Louis','Deschamps','Huet','Vasseur','Perez','Boucher','Fleury','Royer','Klein','Jacquet','Adam','Paris','Poirier','Marty','Aubry','Guyot','Carré','Charles','Renault','Charpentier','Ménard','Maillard','Baron','Bertin','Bailly','Hervé','Schneider','Fernandez','Le Gall','Collet','Léger','Bouvier','Julien','Prévost','Millet','Perrot','Daniel','Le Roux','Cousin','Germain','Breton']";
+const FAMILY_COUNT: usize = 151;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -90,15 +93,22 @@ async fn load(owner_url: &str, branches: &[String]) -> anyhow::Result<()> {
     use diesel_async::{AsyncConnection, SimpleAsyncConnection};
     let mut conn = diesel_async::AsyncPgConnection::establish(owner_url).await?;
     let entities = format!("ARRAY['{}']::uuid[]", branches.join("','"));
+    let families = FAMILIES;
+    let family_count = FAMILY_COUNT;
     let sql = format!(
         "
         INSERT INTO organizations (id, entity_id, legal_name, trade_name, siren, siret, naf_code, headcount_band,
                                    addresses, email, phone, tags, postal_code, city, department_code)
         SELECT md5('org' || g)::uuid, ({entities})[1 + g % 3],
                (ARRAY['Boulangerie','Garage','Transports','Atelier','Cabinet','Imprimerie','Menuiserie','Café',
-                      'Hôtel','Pharmacie','Électricité','Plomberie'])[1 + g % 12] || ' ' ||
-               (ARRAY['Martin','Bernard','Dubois','Thomas','Robert','Richard','Petit','Durand','Leroy','Moreau',
-                      'Simon','Laurent','Lefèvre','Michel','Garcia','Roux'])[1 + (g / 12) % 16] || ' ' || (g / 192),
+                      'Hôtel','Pharmacie','Électricité','Plomberie','Boucherie','Charcuterie','Fromagerie',
+                      'Restaurant','Brasserie','Coiffure','Fleuriste','Librairie','Maçonnerie','Charpente',
+                      'Peinture','Serrurerie','Carrosserie','Pressing','Optique','Auto-école','Traiteur',
+                      'Conseil'])[1 + g % 30] || ' ' ||
+               (ARRAY{families})[1 + (g / 30) % {family_count}] ||
+               (ARRAY['',' et Fils',' SARL',' SAS',' & Associés',' du Centre',' de la Gare',' des Halles',
+                      ' Frères',' et Cie',' du Parc',' de l''Église',' Saint-Jean',' du Marché',' des Quais',
+                      ' Croix-Rousse',' Bellecour',' Part-Dieu',' Confluence',' Presqu''île'])[1 + (g / 4500) % 20],
                '', lpad(g::text, 9, '0'), lpad(g::text, 9, '0') || '00017',
                (ARRAY['10.71C','45.20A','49.41A','62.01Z','69.20Z','18.12Z','43.32A','56.30Z','55.10Z','47.73Z',
                       '43.21A','43.22A'])[1 + g % 12],
@@ -114,9 +124,12 @@ async fn load(owner_url: &str, branches: &[String]) -> anyhow::Result<()> {
         INSERT INTO contacts (id, entity_id, civility, given_name, family_name, job_title, emails, email_keys,
                               phones, phone_keys)
         SELECT md5('contact' || g)::uuid, ({entities})[1 + (g % {orgs}) % 3], 1 + g % 2,
-               (ARRAY['Camille','Dominique','Claude','Stéphane','Marie','Jean','Anne','Pierre','Sophie','Luc'])[1 + g % 10],
-               (ARRAY['Martin','Bernard','Dubois','Thomas','Robert','Richard','Petit','Durand','Leroy','Moreau',
-                      'Simon','Laurent','Lefèvre','Michel','Garcia','Roux'])[1 + (g / 10) % 16] || '-' || (g / 160),
+               (ARRAY['Camille','Dominique','Claude','Stéphane','Marie','Jean','Anne','Pierre','Sophie','Luc',
+                      'Nathalie','Philippe','Isabelle','Laurent','Sylvie','Nicolas','Catherine','Éric','Valérie',
+                      'Olivier','Sandrine','Christophe','Céline','Julien','Émilie','Thomas','Julie','Mathieu',
+                      'Aurélie','Sébastien','Hélène','François','Chloé','Antoine','Manon','Hugo','Léa','Louis',
+                      'Inès','Gabriel'])[1 + g % 40],
+               (ARRAY{families})[1 + (g / 40) % {family_count}],
                (ARRAY['Gérant','DRH','Comptable','Assistante','Directrice'])[1 + g % 5],
                jsonb_build_array(jsonb_build_object('address', 'p' || g || '@entreprise.fr', 'kind', 1, 'primary', true)),
                ARRAY['p' || g || '@entreprise.fr'],
