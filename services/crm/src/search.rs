@@ -184,24 +184,7 @@ impl Crm {
                 o.latest_membership_end, o.latest_membership_grace_end, {TODAY_SQL})"
         );
         let sql = format!(
-            "WITH org_candidates AS (
-               -- One index per way of matching, so that each is an index
-               -- scan; the entity and the filters apply to the union.
-               SELECT id FROM organizations WHERE $5 <> '' AND (siren = $5 OR siret = $5)
-               UNION SELECT id FROM organizations WHERE $6 <> '' AND phone = $6
-               UNION SELECT id FROM organizations WHERE $7 <> '' AND email_key = $7
-               UNION SELECT id FROM organizations WHERE $3 <> '' AND search_vector @@ to_tsquery('french', $3)
-               UNION SELECT id FROM organizations WHERE name_key % $4
-               UNION SELECT id FROM organizations WHERE trade_key % $4
-               UNION SELECT id FROM organizations WHERE $4 <% name_key
-             ), contact_candidates AS (
-               SELECT id FROM contacts WHERE $6 <> '' AND phone_keys @> ARRAY[$6]
-               UNION SELECT id FROM contacts WHERE $7 <> '' AND email_keys @> ARRAY[$7]
-               UNION SELECT id FROM contacts WHERE $3 <> '' AND search_vector @@ to_tsquery('simple', $3)
-               UNION SELECT id FROM contacts WHERE name_key % $4
-               UNION SELECT id FROM contacts WHERE $4 <% name_key
-               UNION SELECT id FROM contacts WHERE crm_join(email_keys) % $4
-             ), hits AS (
+            "WITH hits AS (
                SELECT 1::smallint AS kind, o.id, greatest(
                         CASE WHEN $5 <> '' AND (o.siren = $5 OR o.siret = $5) THEN 1.0 END,
                         CASE WHEN $6 <> '' AND o.phone = $6 THEN 1.0 END,
@@ -211,7 +194,10 @@ impl Crm {
                         0.9 * greatest(similarity(o.name_key, $4), similarity(o.trade_key, $4),
                                        word_similarity($4, o.name_key))
                       )::float8 AS score
-                 FROM org_candidates oc JOIN organizations o ON o.id = oc.id
+                 -- Candidates: one index scan per way of matching (see
+                 -- migration 000007: why a SECURITY DEFINER function).
+                 FROM crm_organization_search_candidates($1, $3, $4, $5, $6, $7) oc
+                 JOIN organizations o ON o.id = oc.id
                 WHERE o.entity_id = ANY($1) AND o.state = 1
                   AND (cardinality($8::smallint[]) = 0 OR {org_status} = ANY($8))
                   AND o.tags @> $9
@@ -224,7 +210,8 @@ impl Crm {
                         0.9 * greatest(similarity(c.name_key, $4), word_similarity($4, c.name_key),
                                        similarity(crm_join(c.email_keys), $4))
                       )::float8
-                 FROM contact_candidates cc JOIN contacts c ON c.id = cc.id
+                 FROM crm_contact_search_candidates($2, $3, $4, $6, $7) cc
+                 JOIN contacts c ON c.id = cc.id
                 WHERE c.entity_id = ANY($2) AND c.state = 1
                   AND (cardinality($8::smallint[]) = 0 OR {contact_status} = ANY($8))
                   AND c.tags @> $9
@@ -240,12 +227,6 @@ impl Crm {
             .db
             .transaction(&scope, move |conn| {
                 Box::pin(async move {
-                    // Trigram matches count from 0.45 (typos score 0.7 and
-                    // more): weaker ones are noise, and costly to rank.
-                    diesel::sql_query("SELECT set_config('pg_trgm.similarity_threshold', '0.45', true)")
-                        .execute(conn)
-                        .await
-                        .map_err(DbError::from)?;
                     let mut hits: Vec<HitRow> = diesel::sql_query(sql)
                         .bind::<Array<SqlUuid>, _>(org_entities)
                         .bind::<Array<SqlUuid>, _>(contact_entities)

@@ -224,3 +224,55 @@ async fn list_and_search_statements_do_not_grow_with_the_page_size() {
     assert_eq!(large.unwrap().hits.len(), 50);
     assert_eq!(small_count, large_count, "search: statements grow with the page size");
 }
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+}
+
+/// The search's candidate functions run as the owner (so that their
+/// indexes serve despite row-level security) and must apply the caller's
+/// scope themselves: asked for another entity, they return nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn search_candidates_stay_within_the_callers_scope() {
+    let (crm, db) = crm().await;
+    let (lyon, lille) = (Uuid::new_v4(), Uuid::new_v4());
+    let ours = create_org(&crm, lyon, "Boulangerie Martin", "69001").await;
+    let theirs = create_org(&crm, lille, "Boulangerie Martinez", "59000").await;
+    let candidates = |scope: EntityScope, asked: Vec<Uuid>| {
+        let db = db.clone();
+        async move {
+            let mut ids: Vec<Uuid> = db
+                .transaction(&scope, move |conn| {
+                    Box::pin(async move {
+                        diesel::sql_query(
+                            "SELECT id FROM crm_organization_search_candidates($1, 'boulangerie:*', 'boulangerie martin', '', '', '')",
+                        )
+                        .bind::<diesel::sql_types::Array<SqlUuid>, _>(asked)
+                        .load::<Id>(conn)
+                        .await
+                        .map_err(socle_db::DbError::from)
+                    })
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|row| row.id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let (ours, theirs) = (Uuid::parse_str(&ours.id).unwrap(), Uuid::parse_str(&theirs.id).unwrap());
+    let mut both = vec![ours, theirs];
+    both.sort();
+    // Within Lyon's scope, asking for Lille too yields Lyon's only.
+    assert_eq!(candidates(EntityScope::entity(lyon), vec![lyon, lille]).await, vec![ours]);
+    assert_eq!(candidates(EntityScope::entity(lyon), vec![lille]).await, Vec::<Uuid>::new());
+    assert_eq!(candidates(EntityScope::none(), vec![lyon, lille]).await, Vec::<Uuid>::new());
+    // With both in scope, both match (the name and the trade word).
+    assert_eq!(candidates(EntityScope::Entities(vec![lyon, lille]), vec![lyon, lille]).await, both);
+    // Nothing asked, nothing read.
+    assert_eq!(candidates(EntityScope::Entities(vec![lyon, lille]), vec![]).await, Vec::<Uuid>::new());
+}
