@@ -266,4 +266,69 @@ impl SecurePlatform {
         let status = response.status().as_u16();
         Ok((status, response.json().await.unwrap_or(Value::Null)))
     }
+
+    /// Uploads `file` as the raw body of a streamed REST route (a CRM
+    /// import: `path_and_query` carries the options), acting for `entity`.
+    pub async fn upload(&self, token: &str, path_and_query: &str, entity: &str, file: Vec<u8>) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path_and_query}", self.edge.url()))
+            .bearer_auth(token)
+            .header("x-socle-entity", entity)
+            .header("content-type", "text/csv")
+            .body(file)
+            .send()
+            .await
+            .expect("the edge answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Posts `body` to a REST route whose response body is a raw file (a
+    /// CRM export), acting for `entity`: (status, content type, content
+    /// disposition, bytes).
+    pub async fn download(&self, token: &str, path: &str, entity: &str, body: Value) -> (u16, String, String, Vec<u8>) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.edge.url()))
+            .bearer_auth(token)
+            .header("x-socle-entity", entity)
+            .json(&body)
+            .send()
+            .await
+            .expect("the edge answers");
+        let header =
+            |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        let (status, content_type, disposition) =
+            (response.status().as_u16(), header("content-type"), header("content-disposition"));
+        (status, content_type, disposition, response.bytes().await.expect("the body").to_vec())
+    }
+
+    /// The first audit event of `entity`'s trail that `wanted` accepts, read
+    /// as the national administrator; waits up to 60 seconds for the
+    /// outbox relays, then panics with the last page read.
+    pub async fn wait_for_event(&self, entity: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let path = format!("/api/v1/audit/events?entityId={entity}&pageSize=500");
+            let (status, body) =
+                self.call(Some(&self.admin_token), reqwest::Method::GET, &path, None, None).await.expect("the edge");
+            // 503 is retryable by contract (a loaded machine can exhaust the
+            // audit service's small test pool); anything else is a failure.
+            assert!(status == 200 || status == 503, "{status} {body}");
+            if let Some(event) = body["events"].as_array().and_then(|events| events.iter().find(|e| wanted(e))) {
+                return event.clone();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no matching audit event on {entity}; last page: {body}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A gRPC request carrying `token` and acting for `entity`.
+pub fn authed<T>(message: T, token: &str, entity: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("a header value"));
+    request.metadata_mut().insert("x-socle-entity", entity.parse().expect("a header value"));
+    request
 }

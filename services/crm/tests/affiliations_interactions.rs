@@ -2,8 +2,6 @@
 //! platform: real tokens, real access decisions from tenancy, real
 //! PostgreSQL with row-level security, audit events through the outbox.
 
-use std::time::Duration;
-
 use reqwest::Method;
 use serde_json::{Value, json};
 use socle_testkit::secure::SecurePlatform;
@@ -345,17 +343,15 @@ async fn affiliations_are_validated_idempotent_versioned_and_isolated() {
 
     // The changes reach Lyon's audit trail, the contact's name sealed.
     let event =
-        wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.affiliations.create" && e["resourceId"] == id.as_str())
-            .await;
+        w.p.wait_for_event(&lyon, |e| e["action"] == "crm.affiliations.create" && e["resourceId"] == id.as_str()).await;
     let name = event["changes"].as_array().unwrap().iter().find(|c| c["fieldPath"] == "contact_display_name").cloned();
     let name = name.expect("contact_display_name change");
     assert_eq!(name["personalData"], true, "{event}");
     assert_eq!(name["subjectId"], camille.as_str());
     let event =
-        wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.affiliations.update" && e["resourceId"] == id.as_str())
-            .await;
+        w.p.wait_for_event(&lyon, |e| e["action"] == "crm.affiliations.update" && e["resourceId"] == id.as_str()).await;
     assert!(event["changes"].as_array().unwrap().iter().any(|c| c["fieldPath"] == "end_date"), "{event}");
-    wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.affiliations.delete" && e["resourceId"] == past_id.as_str())
+    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.affiliations.delete" && e["resourceId"] == past_id.as_str())
         .await;
 }
 
@@ -662,37 +658,13 @@ async fn interactions_are_validated_and_form_timelines_newest_first() {
     assert_eq!(status, 404);
 
     // The changes reach Lyon's audit trail.
-    let event = wait_for_event(&w.p, &lyon, |e| {
-        e["action"] == "crm.interactions.update" && e["resourceId"] == call_id.as_str()
-    })
-    .await;
+    let event =
+        w.p.wait_for_event(&lyon, |e| e["action"] == "crm.interactions.update" && e["resourceId"] == call_id.as_str())
+            .await;
     let changes = event["changes"].as_array().unwrap();
     assert!(changes.iter().any(|c| c["fieldPath"] == "subject"), "{event}");
     assert!(changes.iter().any(|c| c["fieldPath"] == "contact_ids"), "{event}");
-    wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.interactions.create" && e["resourceId"] == email.as_str())
+    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.interactions.create" && e["resourceId"] == email.as_str()).await;
+    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.interactions.delete" && e["resourceId"] == call_id.as_str())
         .await;
-    wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.interactions.delete" && e["resourceId"] == call_id.as_str())
-        .await;
-}
-
-async fn wait_for_event(p: &SecurePlatform, entity: &str, wanted: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, body) = p
-            .call(
-                Some(&p.admin_token),
-                Method::GET,
-                &format!("/api/v1/audit/events?entityId={entity}&pageSize=500"),
-                None,
-                None,
-            )
-            .await
-            .unwrap();
-        assert!(status == 200 || status == 503, "{status} {body}");
-        if let Some(event) = body["events"].as_array().and_then(|events| events.iter().find(|e| wanted(e))) {
-            return event.clone();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no matching audit event on {entity}; last page: {body}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }

@@ -2,8 +2,6 @@
 //! platform: real tokens, real access decisions from tenancy, real
 //! PostgreSQL with row-level security, audit events through the outbox.
 
-use std::time::Duration;
-
 use reqwest::Method;
 use serde_json::{Value, json};
 use socle_crm::validate::luhn_check_digit;
@@ -233,7 +231,7 @@ async fn organisations_are_validated_idempotent_versioned_and_isolated() {
 
     // The changes reach the audit trail of Lyon's chain.
     let event =
-        wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.organizations.update" && e["resourceId"] == id.as_str())
+        w.p.wait_for_event(&lyon, |e| e["action"] == "crm.organizations.update" && e["resourceId"] == id.as_str())
             .await;
     let changes = event["changes"].as_array().unwrap();
     assert!(changes.iter().any(|c| c["fieldPath"] == "legal_name"), "{event}");
@@ -245,29 +243,7 @@ async fn organisations_are_validated_idempotent_versioned_and_isolated() {
     assert_eq!(status, 200, "{body}");
     let (status, _) = w.call(&w.lyon_staff, Method::GET, &path, &lyon, None).await;
     assert_eq!(status, 404);
-    wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.organizations.delete" && e["resourceId"] == id.as_str()).await;
-}
-
-async fn wait_for_event(p: &SecurePlatform, entity: &str, wanted: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, body) = p
-            .call(
-                Some(&p.admin_token),
-                Method::GET,
-                &format!("/api/v1/audit/events?entityId={entity}&pageSize=500"),
-                None,
-                None,
-            )
-            .await
-            .unwrap();
-        assert!(status == 200 || status == 503, "{status} {body}");
-        if let Some(event) = body["events"].as_array().and_then(|events| events.iter().find(|e| wanted(e))) {
-            return event.clone();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no matching audit event on {entity}; last page: {body}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.organizations.delete" && e["resourceId"] == id.as_str()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -534,7 +510,7 @@ async fn contacts_are_normalised_deduplicated_and_isolated() {
 
     // Personal fields reach the audit trail sealed for the contact.
     let event =
-        wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.contacts.create" && e["resourceId"] == id.as_str()).await;
+        w.p.wait_for_event(&lyon, |e| e["action"] == "crm.contacts.create" && e["resourceId"] == id.as_str()).await;
     let family = event["changes"].as_array().unwrap().iter().find(|c| c["fieldPath"] == "family_name").cloned();
     let family = family.expect("family_name change");
     assert_eq!(family["personalData"], true, "{event}");

@@ -5,29 +5,15 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use socle_testkit::secure::SecurePlatform;
+use support::Branches;
 use uuid::Uuid;
 
-struct World {
-    p: SecurePlatform,
-    lyon: String,
-    lille: String,
-    lyon_staff: String,
-    lille_staff: String,
-}
+mod support;
 
-impl World {
-    async fn new() -> World {
-        let p = SecurePlatform::start().await.expect("secured platform");
-        let lyon = p.create_entity(&p.root, "ENTITY_KIND_BRANCH", "ARA-LYON").await.unwrap();
-        let lille = p.create_entity(&p.root, "ENTITY_KIND_BRANCH", "HDF-LILLE").await.unwrap();
-        let (user, lyon_staff) = p.user_with_password("staff.lyon@socle.test", &lyon).await.unwrap();
-        p.grant_user(user, "staff", &lyon, "GRANT_SCOPE_SUBTREE").await.unwrap();
-        let (user, lille_staff) = p.user_with_password("staff.lille@socle.test", &lille).await.unwrap();
-        p.grant_user(user, "staff", &lille, "GRANT_SCOPE_SUBTREE").await.unwrap();
-        World { p, lyon, lille, lyon_staff, lille_staff }
-    }
+/// The two branches.
+type World = Branches;
 
+impl Branches {
     async fn as_admin(&self, method: Method, path: &str, entity: &str, body: Option<Value>) -> (u16, Value) {
         self.p.call(Some(&self.p.admin_token), method, path, Some(entity), body).await.unwrap()
     }
@@ -51,7 +37,7 @@ fn pairs(list: &Value) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scan_finds_pairs_that_are_reviewed_dismissed_or_merged() {
-    let w = World::new().await;
+    let w = Branches::start().await;
     let lyon = w.lyon.clone();
     let a = w
         .create(
@@ -239,7 +225,7 @@ async fn events_of(w: &World, resource: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn erasing_a_contact_clears_it_everywhere_and_shreds_its_audit_values() {
-    let w = World::new().await;
+    let w = Branches::start().await;
     let lyon = w.lyon.clone();
     let org = w.create("/api/v1/organizations", "organization", json!({ "legalName": "Atelier Numérique" })).await;
     let person = w

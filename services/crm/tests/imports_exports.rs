@@ -3,140 +3,25 @@
 //! and downloads, native gRPC streaming, real access decisions, PostgreSQL
 //! with row-level security, audit events through the outbox.
 
-use std::time::Duration;
-
 use reqwest::Method;
 use serde_json::{Value, json};
-use socle_crm::validate::luhn_valid;
 use socle_proto::socle::crm::v1::{
     ExportFormat, ExportOrganizationsRequest, ImportJobState, ImportMode, ImportOrganizationsRequest,
     organization_service_client::OrganizationServiceClient,
 };
-use socle_testkit::secure::SecurePlatform;
+use socle_testkit::secure::authed;
+use support::{Branches, counts, data_rows, fields, read_export, siret, windows_1252};
 use uuid::Uuid;
 
-/// Two branches, each with one staff member.
-struct World {
-    p: SecurePlatform,
-    lyon: String,
-    lille: String,
-    lyon_staff: String,
-    lille_staff: String,
-    http: reqwest::Client,
-}
+mod support;
 
-impl World {
-    async fn new() -> World {
-        let p = SecurePlatform::start().await.expect("secured platform");
-        let lyon = p.create_entity(&p.root, "ENTITY_KIND_BRANCH", "ARA-LYON").await.unwrap();
-        let lille = p.create_entity(&p.root, "ENTITY_KIND_BRANCH", "HDF-LILLE").await.unwrap();
-        let (user, lyon_staff) = p.user_with_password("staff.lyon@socle.test", &lyon).await.unwrap();
-        p.grant_user(user, "staff", &lyon, "GRANT_SCOPE_SUBTREE").await.unwrap();
-        let (user, lille_staff) = p.user_with_password("staff.lille@socle.test", &lille).await.unwrap();
-        p.grant_user(user, "staff", &lille, "GRANT_SCOPE_SUBTREE").await.unwrap();
-        World { p, lyon, lille, lyon_staff, lille_staff, http: reqwest::Client::new() }
-    }
+/// The two branches, and the lists these tests read.
+type World = Branches;
 
-    async fn call(&self, token: &str, method: Method, path: &str, entity: &str, body: Option<Value>) -> (u16, Value) {
-        self.p.call(Some(token), method, path, Some(entity), body).await.unwrap()
-    }
-
-    /// A raw upload: the options as query parameters, the file as the body.
-    async fn import(&self, token: &str, what: &str, entity: &str, query: &str, file: Vec<u8>) -> (u16, Value) {
-        let url = format!("{}/api/v1/{what}:import?entityId={entity}&{query}", self.p.edge.url());
-        let response = self
-            .http
-            .post(url)
-            .bearer_auth(token)
-            .header("x-socle-entity", entity)
-            .header("content-type", "text/csv")
-            .body(file)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
-    /// A raw download: (status, content type, content disposition, bytes).
-    async fn export(&self, token: &str, what: &str, entity: &str, body: Value) -> (u16, String, String, Vec<u8>) {
-        let response = self
-            .http
-            .post(format!("{}/api/v1/{what}:export", self.p.edge.url()))
-            .bearer_auth(token)
-            .header("x-socle-entity", entity)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let header =
-            |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-        let (status, content_type, disposition) =
-            (response.status().as_u16(), header("content-type"), header("content-disposition"));
-        (status, content_type, disposition, response.bytes().await.unwrap().to_vec())
-    }
-
-    async fn rows(&self, token: &str, entity: &str, job: &str, query: &str) -> Vec<Value> {
-        let (status, body) =
-            self.call(token, Method::GET, &format!("/api/v1/import-jobs/{job}/rows?{query}"), entity, None).await;
-        assert_eq!(status, 200, "{body}");
-        body["rows"].as_array().cloned().unwrap_or_default()
-    }
-
-    async fn organisations(&self, token: &str, entity: &str) -> Vec<Value> {
-        let (status, body) = self.call(token, Method::GET, "/api/v1/organizations?pageSize=500", entity, None).await;
-        assert_eq!(status, 200, "{body}");
-        body["organizations"].as_array().cloned().unwrap_or_default()
-    }
-}
-
-/// A count of a job (int64 as a JSON string; absent when zero).
-fn count(job: &Value, name: &str) -> i64 {
-    job["counts"][name].as_str().map_or(0, |n| n.parse().unwrap())
-}
-
-fn counts(job: &Value) -> [i64; 6] {
-    ["total", "created", "updated", "unchanged", "rejected", "valid"].map(|n| count(job, n))
-}
-
-fn fields(row: &Value) -> Vec<String> {
-    row["violations"].as_array().into_iter().flatten().map(|v| v["field"].as_str().unwrap_or("").to_owned()).collect()
-}
-
-/// A valid SIRET with the given 8-digit prefix.
-fn siret(prefix8: u32) -> String {
-    let key = |digits: &str| (0..10).find(|k| luhn_valid(&format!("{digits}{k}"))).unwrap();
-    let siren = format!("{prefix8:08}{}", key(&format!("{prefix8:08}")));
-    let body = format!("{siren}0001");
-    format!("{body}{}", key(&body))
-}
-
-fn windows_1252(text: &str) -> Vec<u8> {
-    let (bytes, _, unmappable) = encoding_rs::WINDOWS_1252.encode(text);
-    assert!(!unmappable);
-    bytes.into_owned()
-}
-
-async fn wait_for_event(p: &SecurePlatform, entity: &str, wanted: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, body) = p
-            .call(
-                Some(&p.admin_token),
-                Method::GET,
-                &format!("/api/v1/audit/events?entityId={entity}&pageSize=500"),
-                None,
-                None,
-            )
-            .await
-            .unwrap();
-        assert!(status == 200 || status == 503, "{status} {body}");
-        if let Some(event) = body["events"].as_array().and_then(|events| events.iter().find(|e| wanted(e))) {
-            return event.clone();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no matching audit event on {entity}; last page: {body}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+async fn organisations(w: &World, token: &str, entity: &str) -> Vec<Value> {
+    let (status, body) = w.call(token, Method::GET, "/api/v1/organizations?pageSize=500", entity, None).await;
+    assert_eq!(status, 200, "{body}");
+    body["organizations"].as_array().cloned().unwrap_or_default()
 }
 
 const FRENCH_HEADER: &str =
@@ -158,7 +43,7 @@ fn french_file(third_row: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn imports_validate_by_column_write_all_or_nothing_or_best_effort_and_rerun_safely() {
-    let w = World::new().await;
+    let w = Branches::start().await;
     let (lyon, lille) = (w.lyon.clone(), w.lille.clone());
     let bad = "Pâtisserie Noël;12345678901234;00.00Z;12345;pas-un-email;;6900;Lyon;;99";
     let file = french_file(bad);
@@ -181,7 +66,7 @@ async fn imports_validate_by_column_write_all_or_nothing_or_best_effort_and_reru
     let dry = &dry["importJob"];
     assert_eq!(dry["state"], "IMPORT_JOB_STATE_VALIDATED", "{dry}");
     assert_eq!(counts(dry), [3, 0, 0, 0, 1, 2], "{dry}");
-    assert!(w.organisations(&w.lyon_staff, &lyon).await.is_empty(), "a dry run writes nothing");
+    assert!(organisations(&w, &w.lyon_staff, &lyon).await.is_empty(), "a dry run writes nothing");
 
     // Per-row violations, by column as the file names them (French
     // headers of a Windows-1252 file with `;`), on the right line.
@@ -205,7 +90,7 @@ async fn imports_validate_by_column_write_all_or_nothing_or_best_effort_and_reru
     let failed = &failed["importJob"];
     assert_eq!(failed["state"], "IMPORT_JOB_STATE_FAILED", "{failed}");
     assert_eq!(counts(failed), [3, 0, 0, 0, 1, 2]);
-    assert!(w.organisations(&w.lyon_staff, &lyon).await.is_empty(), "all or nothing wrote something");
+    assert!(organisations(&w, &w.lyon_staff, &lyon).await.is_empty(), "all or nothing wrote something");
 
     // Best effort: the good rows are written, normalised like a create.
     let (status, partial) =
@@ -218,7 +103,7 @@ async fn imports_validate_by_column_write_all_or_nothing_or_best_effort_and_reru
     assert_eq!(partial["sizeBytes"], file.len().to_string());
     assert_eq!(partial["fileSha256"].as_str().unwrap().len(), 64);
     assert_eq!(partial["creator"]["kind"], "ACTOR_KIND_USER", "{partial}");
-    let orgs = w.organisations(&w.lyon_staff, &lyon).await;
+    let orgs = organisations(&w, &w.lyon_staff, &lyon).await;
     assert_eq!(orgs.len(), 2);
     let emile = orgs.iter().find(|o| o["legalName"] == "Boulangerie Émile").expect("accents decoded").clone();
     assert_eq!(emile["phone"], "+33478000001");
@@ -253,14 +138,14 @@ async fn imports_validate_by_column_write_all_or_nothing_or_best_effort_and_reru
         .map(|r| r["recordId"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(unchanged, created, "unchanged rows point at the records loaded first");
-    assert_eq!(w.organisations(&w.lyon_staff, &lyon).await.len(), 3);
+    assert_eq!(organisations(&w, &w.lyon_staff, &lyon).await.len(), 3);
 
     // The same file again: the first job, nothing written.
     let (status, again) =
         w.import(&w.lyon_staff, "organizations", &lyon, &options("IMPORT_MODE_BEST_EFFORT", ""), fixed.clone()).await;
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["importJob"]["id"], second["id"], "{again}");
-    assert_eq!(w.organisations(&w.lyon_staff, &lyon).await.len(), 3);
+    assert_eq!(organisations(&w, &w.lyon_staff, &lyon).await.len(), 3);
 
     // Job reports: get, list newest first with pages, rows with pages.
     let (status, got) = w
@@ -356,15 +241,14 @@ async fn imports_validate_by_column_write_all_or_nothing_or_best_effort_and_reru
 
     // Imported records and the job are audited like creates.
     let id = created[0].clone();
-    wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.organizations.create" && e["resourceId"] == id.as_str()).await;
+    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.organizations.create" && e["resourceId"] == id.as_str()).await;
     let job_id = partial["id"].as_str().unwrap().to_owned();
-    wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.import_jobs.create" && e["resourceId"] == job_id.as_str())
-        .await;
+    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.import_jobs.create" && e["resourceId"] == job_id.as_str()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn duplicate_policies_reject_with_candidates_update_the_one_match_or_create_anyway() {
-    let w = World::new().await;
+    let w = Branches::start().await;
     let lyon = w.lyon.clone();
     let siret_a = siret(44_444_444);
     let (status, created) = w
@@ -418,7 +302,7 @@ async fn duplicate_policies_reject_with_candidates_update_the_one_match_or_creat
     assert_eq!(org["email"], "garage@rhone.fr");
     assert_eq!(org["description"], "Client historique");
     assert_eq!(org["tags"], json!(["auto", "reseau"]));
-    wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.organizations.update" && e["resourceId"] == existing.as_str())
+    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.organizations.update" && e["resourceId"] == existing.as_str())
         .await;
 
     // Create anyway: a second record.
@@ -426,7 +310,7 @@ async fn duplicate_policies_reject_with_candidates_update_the_one_match_or_creat
     assert_eq!(job["state"], "IMPORT_JOB_STATE_SUCCEEDED", "{job}");
     assert_eq!(row["outcome"], "IMPORT_ROW_OUTCOME_CREATED");
     assert_ne!(row["recordId"], existing.as_str());
-    assert_eq!(w.organisations(&w.lyon_staff, &lyon).await.len(), 2);
+    assert_eq!(organisations(&w, &w.lyon_staff, &lyon).await.len(), 2);
 
     // Rows of one file are checked against each other too.
     let file = format!(
@@ -461,17 +345,15 @@ async fn duplicate_policies_reject_with_candidates_update_the_one_match_or_creat
 }
 
 /// The data rows of a CSV export (BOM and header removed), sorted.
-fn data_rows(csv: &[u8]) -> Vec<String> {
-    let text = std::str::from_utf8(csv.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(csv)).unwrap();
-    let mut reader = csv::ReaderBuilder::new().delimiter(b';').from_reader(text.as_bytes());
-    let mut rows: Vec<String> = reader.records().map(|r| r.unwrap().iter().collect::<Vec<_>>().join("|")).collect();
+fn sorted_rows(csv: &[u8]) -> Vec<String> {
+    let mut rows = data_rows(csv);
     rows.sort();
     rows
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn exports_stay_in_scope_apply_the_list_filters_and_re_import_as_is() {
-    let w = World::new().await;
+    let w = Branches::start().await;
     let (lyon, lille) = (w.lyon.clone(), w.lille.clone());
     let orgs = [
         json!({ "legalName": "Société Générale de Boulangerie", "siret": siret(55_555_555), "nafCode": "10.71C",
@@ -503,7 +385,7 @@ async fn exports_stay_in_scope_apply_the_list_filters_and_re_import_as_is() {
     assert_eq!(content_type, "text/csv; charset=utf-8");
     assert!(disposition.starts_with("attachment; filename=\"organisations-"), "{disposition}");
     assert!(lyon_csv.starts_with(b"\xEF\xBB\xBFid;legal_name;trade_name;siren;siret;"), "{lyon_csv:?}");
-    assert_eq!(data_rows(&lyon_csv).len(), 3);
+    assert_eq!(sorted_rows(&lyon_csv).len(), 3);
 
     // Only within the caller's scope: Lille's export has no Lyon row, and
     // Lille cannot export Lyon.
@@ -524,7 +406,7 @@ async fn exports_stay_in_scope_apply_the_list_filters_and_re_import_as_is() {
         )
         .await;
     assert_eq!(status, 200);
-    assert_eq!(data_rows(&all).len(), 4);
+    assert_eq!(sorted_rows(&all).len(), 4);
 
     // The list filters apply; chosen columns, by name or French label.
     let (status, _, _, filtered) = w
@@ -597,10 +479,10 @@ async fn exports_stay_in_scope_apply_the_list_filters_and_re_import_as_is() {
         w.export(&w.lyon_staff, "organizations", &lyon, json!({ "columns": input_columns })).await;
     let (_, _, _, from_lille) =
         w.export(&w.lille_staff, "organizations", &lille, json!({ "columns": input_columns })).await;
-    let mut lille_rows = data_rows(&from_lille);
+    let mut lille_rows = sorted_rows(&from_lille);
     lille_rows.retain(|r| !r.starts_with("Brasserie du Nord"));
-    assert_eq!(lille_rows, data_rows(&from_lyon));
-    assert!(data_rows(&from_lyon).iter().any(|r| r.contains("dolibarr=12\\,5") && r.contains("establishment")));
+    assert_eq!(lille_rows, sorted_rows(&from_lyon));
+    assert!(sorted_rows(&from_lyon).iter().any(|r| r.contains("dolibarr=12\\,5") && r.contains("establishment")));
 
     // JSON Lines: one proto3 JSON record per line, every field included.
     let (status, content_type, disposition, jsonl) =
@@ -617,7 +499,7 @@ async fn exports_stay_in_scope_apply_the_list_filters_and_re_import_as_is() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn contacts_import_with_their_affiliation_and_export_with_it() {
-    let w = World::new().await;
+    let w = Branches::start().await;
     let lyon = w.lyon.clone();
     let org_siret = siret(66_666_666);
     let body = json!({ "requestId": Uuid::new_v4().to_string(),
@@ -668,8 +550,8 @@ async fn contacts_import_with_their_affiliation_and_export_with_it() {
     assert_eq!(consents.len(), 2, "{contact}");
     assert!(consents.iter().any(|c| c["topic"] == "CONSENT_TOPIC_NEWSLETTER" && c["granted"] == true));
     assert!(consents.iter().any(|c| c["topic"] == "CONSENT_TOPIC_EVENTS" && c.get("granted").is_none()));
-    wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.contacts.create" && e["resourceId"] == camille.as_str()).await;
-    wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.affiliations.create").await;
+    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.contacts.create" && e["resourceId"] == camille.as_str()).await;
+    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.affiliations.create").await;
 
     // The export carries the affiliation; filters are those of the list.
     let (status, _, _, csv) = w.export(&w.lyon_staff, "contacts", &lyon, json!({ "organizationId": org })).await;
@@ -702,16 +584,9 @@ async fn contacts_import_with_their_affiliation_and_export_with_it() {
     assert_eq!(got["contact"]["emails"].as_array().unwrap().len(), 1, "{got}");
 }
 
-fn authed<T>(message: T, token: &str, entity: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request.metadata_mut().insert("x-socle-entity", entity.parse().unwrap());
-    request
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn native_grpc_clients_stream_imports_and_exports_through_the_edge() {
-    let w = World::new().await;
+    let w = Branches::start().await;
     let lyon = w.lyon.clone();
     let mut client = OrganizationServiceClient::connect(w.p.edge.url()).await.unwrap();
     let mut file = String::from("legal_name;siret\n");
@@ -754,7 +629,7 @@ async fn native_grpc_clients_stream_imports_and_exports_through_the_edge() {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
 
     // The export streams in chunks: the media type first, the count last.
-    let mut stream = client
+    let stream = client
         .export_organizations(authed(
             ExportOrganizationsRequest {
                 entity_id: lyon.clone(),
@@ -768,15 +643,9 @@ async fn native_grpc_clients_stream_imports_and_exports_through_the_edge() {
         .await
         .unwrap()
         .into_inner();
-    let mut messages = Vec::new();
-    while let Some(message) = stream.message().await.unwrap() {
-        messages.push(message);
-    }
-    assert_eq!(messages[0].content_type, "text/csv; charset=utf-8");
-    assert!(messages[0].filename.ends_with(".csv"));
-    assert_eq!(messages.last().unwrap().record_count, 40);
-    let body: Vec<u8> = messages.iter().flat_map(|m| m.chunk.clone()).collect();
-    let text = String::from_utf8(body).unwrap();
+    let (content_type, filename, count, text) = read_export(stream).await;
+    assert_eq!((content_type.as_str(), count), ("text/csv; charset=utf-8", 40));
+    assert!(filename.ends_with(".csv"));
     assert_eq!(text.lines().count(), 41);
     assert!(text.contains("Entreprise 00\r\n") && text.contains("Entreprise 39\r\n"));
 }

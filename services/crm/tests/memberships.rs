@@ -3,8 +3,6 @@
 //! tenancy, real PostgreSQL with row-level security, audit events through
 //! the outbox.
 
-use std::time::Duration;
-
 use chrono::{Datelike, NaiveDate, Utc};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -143,28 +141,6 @@ fn ids(list: &Value, key: &str) -> Vec<String> {
 
 fn codes(list: &Value) -> Vec<String> {
     list["membershipTypes"].as_array().into_iter().flatten().map(|o| o["code"].as_str().unwrap().to_owned()).collect()
-}
-
-async fn wait_for_event(p: &SecurePlatform, entity: &str, wanted: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, body) = p
-            .call(
-                Some(&p.admin_token),
-                Method::GET,
-                &format!("/api/v1/audit/events?entityId={entity}&pageSize=500"),
-                None,
-                None,
-            )
-            .await
-            .unwrap();
-        assert!(status == 200 || status == 503, "{status} {body}");
-        if let Some(event) = body["events"].as_array().and_then(|events| events.iter().find(|e| wanted(e))) {
-            return event.clone();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no matching audit event on {entity}; last page: {body}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -418,12 +394,10 @@ async fn membership_types_are_validated_offered_to_descendants_and_read_only_bel
         w.call(&admin, Method::DELETE, &format!("/api/v1/membership-types/{private}"), &root, None).await;
     assert_eq!(status, 200, "{body}");
 
-    wait_for_event(&w.p, &root, |e| e["action"] == "crm.membership_types.create" && e["resourceId"] == std_id.as_str())
+    w.p.wait_for_event(&root, |e| e["action"] == "crm.membership_types.create" && e["resourceId"] == std_id.as_str())
         .await;
-    wait_for_event(&w.p, &root, |e| {
-        e["action"] == "crm.membership_types.delete" && e["resourceId"] == private.as_str()
-    })
-    .await;
+    w.p.wait_for_event(&root, |e| e["action"] == "crm.membership_types.delete" && e["resourceId"] == private.as_str())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -884,7 +858,7 @@ async fn memberships_compute_statuses_renew_cancel_and_keep_organisations_in_ste
         ("crm.memberships.update", active_id.as_str()),
         ("crm.memberships.delete", next_id.as_str()),
     ] {
-        wait_for_event(&w.p, &lyon, |e| e["action"] == action && e["resourceId"] == id).await;
+        w.p.wait_for_event(&lyon, |e| e["action"] == action && e["resourceId"] == id).await;
     }
 }
 

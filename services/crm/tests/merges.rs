@@ -2,8 +2,6 @@
 //! preview, a merge that moves the links and hides the sources, and an undo
 //! that puts everything back while keeping later changes to the target.
 
-use std::time::Duration;
-
 use reqwest::Method;
 use serde_json::{Value, json};
 use socle_testkit::secure::SecurePlatform;
@@ -200,8 +198,8 @@ async fn organisations_merge_after_a_preview_and_the_merge_can_be_undone() {
     assert_eq!(status, 200, "{merges}");
     assert_eq!(merges["merges"].as_array().unwrap().len(), 1);
     assert_eq!(merges["merges"][0]["id"], merge_id.as_str());
-    wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.merges.undo" && e["resourceId"] == merge_id.as_str()).await;
-    wait_for_event(&w.p, &lyon, |e| e["action"] == "crm.organizations.merge" && e["resourceId"] == s.as_str()).await;
+    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.merges.undo" && e["resourceId"] == merge_id.as_str()).await;
+    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.organizations.merge" && e["resourceId"] == s.as_str()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -299,26 +297,4 @@ async fn contacts_merge_their_addresses_and_links_and_come_apart_again() {
     let (_, target_now) = w.admin(Method::GET, &format!("/api/v1/contacts/{t}"), &lyon, None).await;
     assert_eq!(target_now["contact"]["emails"].as_array().unwrap().len(), 1);
     assert!(target_now["contact"].get("organizations").is_none_or(|o| o.as_array().is_some_and(Vec::is_empty)));
-}
-
-async fn wait_for_event(p: &SecurePlatform, entity: &str, wanted: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, body) = p
-            .call(
-                Some(&p.admin_token),
-                Method::GET,
-                &format!("/api/v1/audit/events?entityId={entity}&pageSize=500"),
-                None,
-                None,
-            )
-            .await
-            .unwrap();
-        assert!(status == 200 || status == 503, "{status} {body}");
-        if let Some(event) = body["events"].as_array().and_then(|events| events.iter().find(|e| wanted(e))) {
-            return event.clone();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no matching audit event on {entity}; last page: {body}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }

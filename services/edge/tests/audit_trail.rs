@@ -3,8 +3,6 @@
 //! transaction, relayed to the audit service, and read back through the
 //! edge by an auditor; the chains they land in verify.
 
-use std::time::Duration;
-
 use reqwest::Method;
 use serde_json::{Value, json};
 use socle_testkit::secure::SecurePlatform;
@@ -15,33 +13,6 @@ async fn create_entity(p: &SecurePlatform, parent: &str, kind: &str, code: &str)
 
 async fn grant(p: &SecurePlatform, user: uuid::Uuid, role: &str, entity: &str) -> String {
     p.grant_user(user, role, entity, "GRANT_SCOPE_ENTITY_ONLY").await.unwrap()
-}
-
-/// Polls the entity's audit events (read by the national administrator)
-/// until one matches `wanted`: delivery through the outbox is asynchronous.
-/// The deadline is generous because CI runs many tests on two cores.
-async fn wait_for_event(p: &SecurePlatform, entity: &str, wanted: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, body) = p
-            .call(
-                Some(&p.admin_token),
-                Method::GET,
-                &format!("/api/v1/audit/events?entityId={entity}&pageSize=500"),
-                None,
-                None,
-            )
-            .await
-            .unwrap();
-        // 503 is retryable by contract (a loaded machine can exhaust the
-        // audit service's small test pool); anything else is a failure.
-        assert!(status == 200 || status == 503, "{status} {body}");
-        if let Some(event) = body["events"].as_array().and_then(|events| events.iter().find(|e| wanted(e))) {
-            return event.clone();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no matching audit event on {entity}; last page: {body}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -62,7 +33,7 @@ async fn changes_and_denied_decisions_reach_the_audit_trail_through_the_outbox()
 
     // A change: the creation of branch A, by the national administrator,
     // in branch A's chain, with the fields it set.
-    let created = wait_for_event(&p, &branch_a, |e| e["action"] == "tenancy.entities.create").await;
+    let created = p.wait_for_event(&branch_a, |e| e["action"] == "tenancy.entities.create").await;
     assert_eq!(created["actor"]["id"], admin_id.as_str());
     assert_eq!(created["outcome"], "OUTCOME_OK");
     assert_eq!(created["service"], "tenancy");
@@ -75,7 +46,7 @@ async fn changes_and_denied_decisions_reach_the_audit_trail_through_the_outbox()
     assert!(!created["requestId"].as_str().unwrap().is_empty());
 
     // The grant to the other branch's person, in branch B's chain.
-    let granted = wait_for_event(&p, &branch_b, |e| e["action"] == "tenancy.grants.create").await;
+    let granted = p.wait_for_event(&branch_b, |e| e["action"] == "tenancy.grants.create").await;
     assert_eq!(granted["resourceId"], grant_b.as_str());
 
     // A denied decision of the authorization layer: staff of A reading B.
@@ -83,7 +54,7 @@ async fn changes_and_denied_decisions_reach_the_audit_trail_through_the_outbox()
         p.call(Some(&staff_token), Method::GET, &format!("/api/v1/entities/{branch_b}"), None, None).await.unwrap();
     assert_eq!(status, 403, "{refusal}");
     let request_id = refusal["requestId"].as_str().unwrap().to_owned();
-    let denied = wait_for_event(&p, &branch_b, |e| e["requestId"] == request_id.as_str()).await;
+    let denied = p.wait_for_event(&branch_b, |e| e["requestId"] == request_id.as_str()).await;
     assert_eq!(denied["outcome"], "OUTCOME_DENIED");
     assert_eq!(denied["actor"]["id"], staff.to_string());
     assert_eq!(denied["permission"], "tenancy.entities.read");
@@ -97,7 +68,7 @@ async fn changes_and_denied_decisions_reach_the_audit_trail_through_the_outbox()
         .unwrap();
     assert_eq!(status, 404, "{refusal}");
     let request_id = refusal["requestId"].as_str().unwrap().to_owned();
-    let denied = wait_for_event(&p, &branch_b, |e| e["requestId"] == request_id.as_str()).await;
+    let denied = p.wait_for_event(&branch_b, |e| e["requestId"] == request_id.as_str()).await;
     assert_eq!(denied["outcome"], "OUTCOME_DENIED");
     assert_eq!(denied["actor"]["id"], branch_admin.to_string());
     assert_eq!(denied["statusCode"], "NOT_FOUND");
@@ -110,7 +81,7 @@ async fn changes_and_denied_decisions_reach_the_audit_trail_through_the_outbox()
         .unwrap();
     assert_eq!(status, 403, "{refusal}");
     let request_id = refusal["requestId"].as_str().unwrap().to_owned();
-    let denied = wait_for_event(&p, &branch_b, |e| e["requestId"] == request_id.as_str()).await;
+    let denied = p.wait_for_event(&branch_b, |e| e["requestId"] == request_id.as_str()).await;
     assert_eq!(denied["service"], "audit");
     assert_eq!(denied["action"], "audit.events.query");
     assert_eq!(denied["permission"], "audit.events.read");
@@ -156,12 +127,12 @@ async fn sign_in_failures_locks_successes_and_refresh_reuse_are_audited_on_the_h
         let (status, body) = login("pas le bon mot de passe").await;
         assert_eq!(status, 401, "{body}");
     }
-    let failed = wait_for_event(&p, &branch, |e| e["action"] == "identity.auth.login_failed").await;
+    let failed = p.wait_for_event(&branch, |e| e["action"] == "identity.auth.login_failed").await;
     assert_eq!(failed["outcome"], "OUTCOME_DENIED");
     assert_eq!(failed["actor"]["id"], user.to_string());
     assert_eq!(failed["reason"], "bad_password");
     assert!(!failed["clientAddress"].as_str().unwrap().is_empty(), "{failed}");
-    let locked = wait_for_event(&p, &branch, |e| e["action"] == "identity.auth.locked").await;
+    let locked = p.wait_for_event(&branch, |e| e["action"] == "identity.auth.locked").await;
     assert_eq!(locked["details"]["lock_scope"], "pair", "{locked}");
 
     // Lift the lock as the administrator, then sign in and reuse a refresh token.
@@ -179,7 +150,7 @@ async fn sign_in_failures_locks_successes_and_refresh_reuse_are_audited_on_the_h
     let (status, session) = login(socle_testkit::secure::TEST_PASSWORD).await;
     assert_eq!(status, 200, "{session}");
     let refresh = session["tokens"]["refreshToken"].as_str().unwrap().to_owned();
-    let signed_in = wait_for_event(&p, &branch, |e| e["action"] == "identity.auth.login").await;
+    let signed_in = p.wait_for_event(&branch, |e| e["action"] == "identity.auth.login").await;
     assert_eq!(signed_in["outcome"], "OUTCOME_OK");
     for expected in [200, 401] {
         let (status, body) = p
@@ -188,7 +159,7 @@ async fn sign_in_failures_locks_successes_and_refresh_reuse_are_audited_on_the_h
             .unwrap();
         assert_eq!(status, expected, "{body}");
     }
-    let reused = wait_for_event(&p, &branch, |e| e["action"] == "identity.auth.refresh_reused").await;
+    let reused = p.wait_for_event(&branch, |e| e["action"] == "identity.auth.refresh_reused").await;
     assert_eq!(reused["outcome"], "OUTCOME_DENIED");
     assert_eq!(reused["actor"]["id"], user.to_string());
 }
@@ -244,15 +215,16 @@ async fn account_and_service_account_changes_are_audited_on_the_home_entity_with
     };
 
     // The operator bootstraps (the test kit runs them): the system is the actor.
-    let bootstrapped = wait_for_event(&p, &p.root, |e| {
-        e["action"] == "identity.service_accounts.create" && e["actor"]["kind"] == "ACTOR_KIND_SYSTEM"
-    })
-    .await;
+    let bootstrapped = p
+        .wait_for_event(&p.root, |e| {
+            e["action"] == "identity.service_accounts.create" && e["actor"]["kind"] == "ACTOR_KIND_SYSTEM"
+        })
+        .await;
     assert_eq!(bootstrapped["resourceType"], "identity.service_account");
     assert!(bootstrapped["actor"].get("id").is_none_or(|id| id == ""), "{bootstrapped}");
-    let invited_admin =
-        wait_for_event(&p, &p.root, |e| e["action"] == "identity.users.create" && e["resourceId"] == admin_id.as_str())
-            .await;
+    let invited_admin = p
+        .wait_for_event(&p.root, |e| e["action"] == "identity.users.create" && e["resourceId"] == admin_id.as_str())
+        .await;
     assert_eq!(invited_admin["actor"]["kind"], "ACTOR_KIND_SYSTEM");
 
     // An account: created (invitation link returned), updated, disabled, deleted.
@@ -287,7 +259,7 @@ async fn account_and_service_account_changes_are_audited_on_the_home_entity_with
         let user = user.clone();
         move |e: &Value| e["action"] == action && e["resourceId"] == user.as_str()
     };
-    let create = wait_for_event(&p, &branch, of_user("identity.users.create")).await;
+    let create = p.wait_for_event(&branch, of_user("identity.users.create")).await;
     assert_eq!(create["actor"]["id"], admin_id.as_str());
     assert_eq!(create["actor"]["kind"], "ACTOR_KIND_USER");
     assert_eq!(create["entityId"], branch.as_str(), "the account's home entity holds the event");
@@ -300,7 +272,7 @@ async fn account_and_service_account_changes_are_audited_on_the_home_entity_with
     assert!(!change(&create, "state")["personalData"].as_bool().unwrap_or(false));
     assert_eq!(create["details"]["invitation_delivery"], "return_link");
 
-    let update = wait_for_event(&p, &branch, of_user("identity.users.update")).await;
+    let update = p.wait_for_event(&branch, of_user("identity.users.update")).await;
     assert_eq!(update["actor"]["id"], admin_id.as_str());
     assert_eq!(
         changed(&update),
@@ -309,12 +281,12 @@ async fn account_and_service_account_changes_are_audited_on_the_home_entity_with
     assert_eq!(change(&update, "given_name")["before"], "Dominique");
     assert_eq!(change(&update, "given_name")["after"], "Dominika");
 
-    let disable = wait_for_event(&p, &branch, of_user("identity.users.disable")).await;
+    let disable = p.wait_for_event(&branch, of_user("identity.users.disable")).await;
     assert_eq!(changed(&disable), [("state".to_owned(), false)]);
     assert_eq!(change(&disable, "state")["after"], "USER_STATE_DISABLED");
     assert_eq!(disable["details"]["reason"], "départ de l'association");
 
-    let delete = wait_for_event(&p, &branch, of_user("identity.users.delete")).await;
+    let delete = p.wait_for_event(&branch, of_user("identity.users.delete")).await;
     assert_eq!(delete["actor"]["id"], admin_id.as_str());
     for field in ["email", "given_name", "family_name", "display_name"] {
         let gone = change(&delete, field);
@@ -356,18 +328,18 @@ async fn account_and_service_account_changes_are_audited_on_the_home_entity_with
         let id = account_id.clone();
         move |e: &Value| e["action"] == action && e["resourceId"] == id.as_str()
     };
-    let sa_create = wait_for_event(&p, &branch, of_account("identity.service_accounts.create")).await;
+    let sa_create = p.wait_for_event(&branch, of_account("identity.service_accounts.create")).await;
     assert_eq!(sa_create["actor"]["id"], admin_id.as_str());
     assert_eq!(sa_create["resourceType"], "identity.service_account");
     assert_eq!(change(&sa_create, "name")["after"], "crm-sync");
     assert!(changed(&sa_create).iter().all(|(_, personal)| !personal), "{sa_create}");
-    let sa_update = wait_for_event(&p, &branch, of_account("identity.service_accounts.update")).await;
+    let sa_update = p.wait_for_event(&branch, of_account("identity.service_accounts.update")).await;
     assert_eq!(changed(&sa_update), [("description".to_owned(), false), ("display_name".to_owned(), false)]);
-    let sa_rotate = wait_for_event(&p, &branch, of_account("identity.service_accounts.rotate_secret")).await;
+    let sa_rotate = p.wait_for_event(&branch, of_account("identity.service_accounts.rotate_secret")).await;
     let rotated_fields: Vec<String> = changed(&sa_rotate).into_iter().map(|(f, _)| f).collect();
     assert!(rotated_fields.contains(&"secret_create_time".to_owned()), "{sa_rotate}");
     assert!(rotated_fields.iter().all(|f| !f.contains("hash")), "{sa_rotate}");
-    let sa_delete = wait_for_event(&p, &branch, of_account("identity.service_accounts.delete")).await;
+    let sa_delete = p.wait_for_event(&branch, of_account("identity.service_accounts.delete")).await;
     assert_eq!(sa_delete["actor"]["id"], admin_id.as_str());
 
     // A password change by its owner: the time of the change, no value.
@@ -384,13 +356,12 @@ async fn account_and_service_account_changes_are_audited_on_the_home_entity_with
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    let activated = wait_for_event(&p, &branch, |e| {
-        e["action"] == "identity.users.activate" && e["resourceId"] == changer.to_string()
-    })
-    .await;
+    let activated = p
+        .wait_for_event(&branch, |e| e["action"] == "identity.users.activate" && e["resourceId"] == changer.to_string())
+        .await;
     assert_eq!(activated["actor"]["id"], changer.to_string(), "accepting an invitation is the account's own act");
     assert_eq!(change(&activated, "state")["after"], "USER_STATE_ACTIVE");
-    let password = wait_for_event(&p, &branch, |e| e["action"] == "identity.auth.password_change").await;
+    let password = p.wait_for_event(&branch, |e| e["action"] == "identity.auth.password_change").await;
     assert_eq!(password["actor"]["id"], changer.to_string());
     assert_eq!(password["resourceId"], changer.to_string());
     assert_eq!(password["entityId"], branch.as_str());
@@ -432,13 +403,13 @@ async fn account_and_service_account_changes_are_audited_on_the_home_entity_with
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let enabled = wait_for_event(&p, &branch, |e| e["action"] == "identity.second_factor.enable").await;
+    let enabled = p.wait_for_event(&branch, |e| e["action"] == "identity.second_factor.enable").await;
     assert_eq!(enabled["actor"]["id"], changer.to_string());
     assert_eq!(changed(&enabled), [("totp_enabled".to_owned(), false)]);
     assert_eq!(change(&enabled, "totp_enabled")["after"], true);
-    let disabled = wait_for_event(&p, &branch, |e| e["action"] == "identity.second_factor.disable").await;
+    let disabled = p.wait_for_event(&branch, |e| e["action"] == "identity.second_factor.disable").await;
     assert_eq!(changed(&disabled), [("totp_enabled".to_owned(), false)]);
-    let reset = wait_for_event(&p, &branch, |e| e["action"] == "identity.second_factor.reset").await;
+    let reset = p.wait_for_event(&branch, |e| e["action"] == "identity.second_factor.reset").await;
     assert_eq!(reset["actor"]["id"], admin_id.as_str());
     assert_eq!(reset["resourceId"], changer.to_string());
     assert_eq!(reset["details"]["reason"], "téléphone perdu");
@@ -468,11 +439,11 @@ async fn account_and_service_account_changes_are_audited_on_the_home_entity_with
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    let revoked = wait_for_event(&p, &branch, |e| e["action"] == "identity.sessions.revoke").await;
+    let revoked = p.wait_for_event(&branch, |e| e["action"] == "identity.sessions.revoke").await;
     assert_eq!(revoked["actor"]["id"], admin_id.as_str());
     assert_eq!(revoked["resourceId"], changer.to_string());
     assert_eq!(revoked["details"]["session_id"], first_session.as_str());
-    let logout = wait_for_event(&p, &branch, |e| e["action"] == "identity.auth.logout").await;
+    let logout = p.wait_for_event(&branch, |e| e["action"] == "identity.auth.logout").await;
     assert_eq!(logout["actor"]["id"], changer.to_string());
     assert_eq!(logout["details"]["session_id"], second["sessionId"]);
 
@@ -502,10 +473,10 @@ async fn account_and_service_account_changes_are_audited_on_the_home_entity_with
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    let requested = wait_for_event(&p, &branch, |e| e["action"] == "identity.auth.password_reset_request").await;
+    let requested = p.wait_for_event(&branch, |e| e["action"] == "identity.auth.password_reset_request").await;
     assert_eq!(requested["actor"]["id"], changer.to_string());
     assert_eq!(requested["resourceId"], changer.to_string());
-    let reset_done = wait_for_event(&p, &branch, |e| e["action"] == "identity.auth.password_reset").await;
+    let reset_done = p.wait_for_event(&branch, |e| e["action"] == "identity.auth.password_reset").await;
     assert_eq!(reset_done["actor"]["id"], changer.to_string());
     assert_eq!(changed(&reset_done), [("password_update_time".to_owned(), false)]);
 
@@ -522,8 +493,8 @@ async fn account_and_service_account_changes_are_audited_on_the_home_entity_with
     .await;
     assert_eq!(status, 200, "{moved}");
     let is_move = |e: &Value| e["action"] == "identity.users.update" && e["resourceId"] == changer.to_string();
-    let arrived = wait_for_event(&p, &other_branch, is_move).await;
-    let left = wait_for_event(&p, &branch, is_move).await;
+    let arrived = p.wait_for_event(&other_branch, is_move).await;
+    let left = p.wait_for_event(&branch, is_move).await;
     assert_eq!(changed(&arrived), [("entity_id".to_owned(), false)]);
     assert_eq!(change(&left, "entity_id")["after"], other_branch.as_str());
     assert_ne!(arrived["id"], left["id"]);
