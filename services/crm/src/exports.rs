@@ -1,14 +1,17 @@
-//! CSV and JSON Lines exports of organisations and contacts
-//! (`ExportOrganizations`, `ExportContacts`), and the CSV columns that
-//! imports read back ([`ORGANIZATION_COLUMNS`], [`CONTACT_COLUMNS`]).
+//! CSV and JSON Lines exports of organisations, contacts and memberships
+//! (`ExportOrganizations`, `ExportContacts`, `ExportMemberships`), and the
+//! CSV columns that imports read back ([`ORGANIZATION_COLUMNS`],
+//! [`CONTACT_COLUMNS`], [`MEMBERSHIP_COLUMNS`]).
 //!
 //! An export is streamed: pages of [`PAGE`] records are read with a keyset
 //! cursor on the id (UUIDv7, so creation order), each page in its own
 //! short transaction with the caller's scope, written out and sent as
 //! chunks of about [`CHUNK`] bytes; the whole table is never in memory. The
 //! filters are those of the lists (`organizations::where_sql`,
-//! `contacts::where_sql`), within the part of the entity's subtree where
-//! the caller holds the export permission.
+//! `contacts::where_sql`, `memberships::WHERE_SQL`), within the part of the
+//! entity's subtree where the caller holds the export permission.
+//! Memberships are read with the entity's ancestors set, as their list
+//! does, so that the types those offer show their code and name.
 //!
 //! CSV (RFC 4180, CRLF line ends): `;` by default, UTF-8 with a byte order
 //! mark by default (so that French spreadsheets open it directly; an
@@ -21,39 +24,46 @@
 //! - `external_refs`: `system=value` pairs (`,` and `\` in values escaped
 //!   with `\`);
 //! - `headcount_band`: the INSEE code (`00`, `01` … `53`);
-//! - `address_kind`, `affiliation_roles`, `membership_status`: the enum
-//!   value's name without its prefix, in lower case (`head_office`,
-//!   `primary_contact`, `active`);
+//! - `address_kind`, `affiliation_roles`, `membership_status`, `status`,
+//!   `payment_status`: the enum value's name without its prefix, in lower
+//!   case (`head_office`, `primary_contact`, `active`, `partially_paid`);
 //! - `civility`: `Madame` or `Monsieur`;
 //! - `consents`: `topic:channel` when granted, `topic:channel:non` when
 //!   withdrawn (`newsletter:email`, `events:sms:non`);
-//! - times: RFC 3339 in UTC.
+//! - amounts (`dues_amount`, `amount_paid`): euros with a decimal comma and
+//!   two decimals, no thousands separator (`1500,00`);
+//! - dates: `YYYY-MM-DD`; times: RFC 3339 in UTC.
 //!
 //! Organisations export their primary address; contacts their primary
 //! e-mail and phone (`email`, `phone`), the others in `other_emails` and
 //! `other_phones`, and their first current affiliation (by organisation
-//! name: `organization_*` and `affiliation_*` columns). JSON Lines carries
-//! every field of every record (proto3 JSON, defaults included).
+//! name: `organization_*` and `affiliation_*` columns); memberships their
+//! organisation's id, SIRET and SIREN and their type's id and code. JSON
+//! Lines carries every field of every record (proto3 JSON, defaults
+//! included).
 //!
 //! Columns marked output-only are written by exports and ignored by
 //! imports, so that an export re-imports as is.
 
 use diesel::{
     QueryableByName,
+    pg::Pg,
     sql_types::{Array, Nullable, SmallInt, Text, Uuid as SqlUuid},
 };
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use prost::Message;
 use prost_reflect::{DynamicMessage, SerializeOptions};
 use socle_db::{Database, DbError, EntityScope};
 use socle_errors::Error;
-use socle_proto::socle::crm::v1::*;
+use socle_proto::socle::{crm::v1::*, r#type::v1::Money};
 use tonic::Status;
 use uuid::Uuid;
 
 use crate::{
+    ancestry::set_ancestors,
     common::{Caller, Crm, TODAY_SQL},
     contacts::{self, ContactRow},
+    memberships::{self, Boxed, MembershipRow, Memberships},
     organizations::{self, OrganizationRow, scope_ids},
 };
 
@@ -137,6 +147,35 @@ pub const CONTACT_COLUMNS: &[Column] = &[
     col("affiliation_roles", "Rôles dans l'organisation"),
     col("affiliation_job_title", "Fonction dans l'organisation"),
     out("membership_status", "Statut d'adhésion"),
+    out("create_time", "Créé le"),
+    out("update_time", "Modifié le"),
+];
+
+/// The CSV columns of memberships, in export order.
+pub const MEMBERSHIP_COLUMNS: &[Column] = &[
+    out("id", "Identifiant"),
+    col("organization_id", "Identifiant de l'organisation"),
+    col("organization_siret", "SIRET de l'organisation"),
+    col("organization_siren", "SIREN de l'organisation"),
+    col("organization_external_ref", "Référence externe de l'organisation"),
+    out("organization_legal_name", "Organisation"),
+    col("membership_type_id", "Identifiant du type d'adhésion"),
+    col("membership_type_code", "Code du type d'adhésion"),
+    out("membership_type_display_name", "Type d'adhésion"),
+    col("start_date", "Date de début"),
+    col("end_date", "Date de fin"),
+    col("dues_amount", "Cotisation"),
+    col("amount_paid", "Montant reçu"),
+    col("payment_status", "Statut de paiement"),
+    col("payment_date", "Date de paiement"),
+    col("payment_reference", "Référence de paiement"),
+    col("notes", "Notes"),
+    out("status", "Statut d'adhésion"),
+    out("grace_end_date", "Fin du délai de grâce"),
+    out("previous_membership_id", "Adhésion précédente"),
+    out("next_membership_id", "Adhésion suivante"),
+    out("cancel_date", "Date de résiliation"),
+    out("cancel_reason", "Motif de résiliation"),
     out("create_time", "Créé le"),
     out("update_time", "Modifié le"),
 ];
@@ -375,6 +414,63 @@ pub fn contact_cells(c: &Contact, link: Option<&LinkRow>) -> Vec<String> {
         .collect()
 }
 
+/// Euros from cents, with a decimal comma and no thousands separator
+/// (`1500,00`), as French spreadsheets read them.
+pub fn format_amount(cents: i64) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    format!("{sign}{},{:02}", cents.unsigned_abs() / 100, cents.unsigned_abs() % 100)
+}
+
+/// What a membership's CSV row shows besides the record: its
+/// organisation's identifiers and its type's code.
+#[derive(Debug, Clone, Default)]
+pub struct MembershipRefs {
+    /// The organisation's SIRET, if known.
+    pub organization_siret: String,
+    /// The organisation's SIREN, if known.
+    pub organization_siren: String,
+    /// The membership type's code.
+    pub membership_type_code: String,
+}
+
+/// The cells of a membership, one per [`MEMBERSHIP_COLUMNS`] entry.
+pub fn membership_cells(m: &Membership, refs: &MembershipRefs) -> Vec<String> {
+    let amount = |money: &Option<Money>| money.as_ref().map(|m| format_amount(m.amount_cents)).unwrap_or_default();
+    MEMBERSHIP_COLUMNS
+        .iter()
+        .map(|c| match c.name {
+            "id" => m.id.clone(),
+            "organization_id" => m.organization_id.clone(),
+            "organization_siret" => refs.organization_siret.clone(),
+            "organization_siren" => refs.organization_siren.clone(),
+            "organization_legal_name" => m.organization_legal_name.clone(),
+            "membership_type_id" => m.membership_type_id.clone(),
+            "membership_type_code" => refs.membership_type_code.clone(),
+            "membership_type_display_name" => m.membership_type_display_name.clone(),
+            "start_date" => m.start_date.clone(),
+            "end_date" => m.end_date.clone(),
+            "dues_amount" => amount(&m.dues_amount),
+            "amount_paid" => amount(&m.amount_paid),
+            "payment_status" => short_name(
+                PaymentStatus::try_from(m.payment_status).unwrap_or_default().as_str_name(),
+                "PAYMENT_STATUS_",
+            ),
+            "payment_date" => m.payment_date.clone(),
+            "payment_reference" => m.payment_reference.clone(),
+            "notes" => m.notes.clone(),
+            "status" => membership(m.status),
+            "grace_end_date" => m.grace_end_date.clone(),
+            "previous_membership_id" => m.previous_membership_id.clone(),
+            "next_membership_id" => m.next_membership_id.clone(),
+            "cancel_date" => m.cancel_date.clone(),
+            "cancel_reason" => m.cancel_reason.clone(),
+            "create_time" => time(&m.create_time),
+            "update_time" => time(&m.update_time),
+            _ => String::new(),
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------
 // Writers
 // ---------------------------------------------------------------------------
@@ -573,11 +669,24 @@ pub struct Piece {
 /// The stream of an export's messages.
 pub type Pieces<M> = tonic::codegen::BoxStream<M>;
 
+macro_rules! from_piece {
+    ($($t:ty),*) => {$(
+        impl From<Piece> for $t {
+            fn from(p: Piece) -> Self {
+                Self { chunk: p.chunk, content_type: p.content_type, filename: p.filename, record_count: p.record_count }
+            }
+        }
+    )*};
+}
+from_piece!(ExportOrganizationsResponse, ExportContactsResponse, ExportMembershipsResponse);
+
 /// What is exported.
 #[derive(Clone)]
 enum Source {
     Organizations(organizations::Filters),
     Contacts(contacts::Filters),
+    /// With the ancestors whose offered types the rows may use.
+    Memberships(memberships::Filters, Vec<Uuid>),
 }
 
 /// One page of records, after `after`, as export records.
@@ -600,13 +709,8 @@ async fn page(
                         organizations::computed_columns(),
                         organizations::where_sql()
                     );
-                    let rows: Vec<OrganizationRow> =
-                        organizations::bind_filters(diesel::sql_query(sql).into_boxed(), entities, &f)
-                            .bind::<Nullable<Text>, _>(after.map(|a| a.to_string()))
-                            .bind::<Nullable<SqlUuid>, _>(after)
-                            .load(conn)
-                            .await
-                            .map_err(DbError::from)?;
+                    let query = organizations::bind_filters(diesel::sql_query(sql).into_boxed(), entities, &f);
+                    let rows: Vec<OrganizationRow> = load_after(conn, query, after).await?;
                     Ok(rows.iter().map(|r| (r.id, Record::Organization(Box::new(r.to_proto())))).collect())
                 }
                 Source::Contacts(f) => {
@@ -617,13 +721,8 @@ async fn page(
                         contacts::computed_columns(),
                         contacts::where_sql()
                     );
-                    let rows: Vec<ContactRow> =
-                        contacts::bind_filters(diesel::sql_query(sql).into_boxed(), entities, &f)
-                            .bind::<Nullable<Text>, _>(after.map(|a| a.to_string()))
-                            .bind::<Nullable<SqlUuid>, _>(after)
-                            .load(conn)
-                            .await
-                            .map_err(DbError::from)?;
+                    let query = contacts::bind_filters(diesel::sql_query(sql).into_boxed(), entities, &f);
+                    let rows: Vec<ContactRow> = load_after(conn, query, after).await?;
                     // The current affiliations of the page, in one statement.
                     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
                     let links: Vec<LinkRow> = if ids.is_empty() {
@@ -648,16 +747,53 @@ async fn page(
                         })
                         .collect())
                 }
+                Source::Memberships(f, ancestors) => {
+                    set_ancestors(conn, &ancestors).await?;
+                    let sql = format!(
+                        "SELECT * FROM {} WHERE {} AND ($10::text IS NULL OR m.id > $11::uuid)
+                         ORDER BY m.id LIMIT {PAGE}",
+                        memberships::source(),
+                        memberships::WHERE_SQL
+                    );
+                    let query = memberships::bind_filters(diesel::sql_query(sql).into_boxed(), entities, &f);
+                    let rows: Vec<MembershipRow> = load_after(conn, query, after).await?;
+                    Ok(rows
+                        .iter()
+                        .map(|r| {
+                            let refs = MembershipRefs {
+                                organization_siret: r.organization_siret.clone(),
+                                organization_siren: r.organization_siren.clone(),
+                                membership_type_code: r.membership_type_code.clone(),
+                            };
+                            (r.id, Record::Membership(Box::new(r.to_proto()), refs))
+                        })
+                        .collect())
+                }
             }
         })
     })
     .await
 }
 
+/// The rows of a page statement whose keyset binds (the last id, as text
+/// then as a uuid; `None` on the first page) come after its filters.
+async fn load_after<T>(conn: &mut AsyncPgConnection, query: Boxed<'_>, after: Option<Uuid>) -> Result<Vec<T>, Error>
+where
+    T: QueryableByName<Pg> + Send + 'static,
+{
+    Ok(query
+        .bind::<Nullable<Text>, _>(after.map(|a| a.to_string()))
+        .bind::<Nullable<SqlUuid>, _>(after)
+        .load(conn)
+        .await
+        .map_err(DbError::from)?)
+}
+
 /// An exported record.
 enum Record {
     Organization(Box<Organization>),
     Contact(Box<Contact>, Option<LinkRow>),
+    Membership(Box<Membership>, MembershipRefs),
 }
 
 /// Runs an export: pages read one after the other, pieces sent as they
@@ -688,6 +824,7 @@ async fn run(
                 match &record {
                     Record::Organization(o) => writer.record(o.as_ref(), || organization_cells(o))?,
                     Record::Contact(c, link) => writer.record(c.as_ref(), || contact_cells(c, link.as_ref()))?,
+                    Record::Membership(m, refs) => writer.record(m.as_ref(), || membership_cells(m, refs))?,
                 }
                 count += 1;
                 after = Some(id);
@@ -786,12 +923,7 @@ impl Crm {
             format,
             ORGANIZATION_COLUMNS,
             "organisations",
-            |p| ExportOrganizationsResponse {
-                chunk: p.chunk,
-                content_type: p.content_type,
-                filename: p.filename,
-                record_count: p.record_count,
-            },
+            ExportOrganizationsResponse::from,
         )
         .await
     }
@@ -824,12 +956,43 @@ impl Crm {
             format,
             CONTACT_COLUMNS,
             "contacts",
-            |p| ExportContactsResponse {
-                chunk: p.chunk,
-                content_type: p.content_type,
-                filename: p.filename,
-                record_count: p.record_count,
-            },
+            ExportContactsResponse::from,
+        )
+        .await
+    }
+}
+
+impl Memberships {
+    /// `ExportMemberships`.
+    pub async fn export_memberships(
+        &self,
+        caller: &Caller,
+        r: ExportMembershipsRequest,
+    ) -> Result<Pieces<ExportMembershipsResponse>, Error> {
+        let filters = memberships::filters(&ListMembershipsRequest {
+            organization_id: r.organization_id.clone(),
+            membership_type_id: r.membership_type_id.clone(),
+            statuses: r.statuses.clone(),
+            payment_statuses: r.payment_statuses.clone(),
+            active_on_date: r.active_on_date.clone(),
+            ..ListMembershipsRequest::default()
+        })?;
+        let format =
+            Format::new(MEMBERSHIP_COLUMNS, "socle.crm.v1.Membership", r.format, &r.columns, r.encoding, &r.delimiter)?;
+        // The types the entity's ancestors offer, as the list reads them.
+        let ancestors = self.ancestry.of(caller.entity_or_acting("entity_id", &r.entity_id)?).await?;
+        start(
+            self,
+            caller,
+            "crm.memberships.export",
+            "entity_id",
+            &r.entity_id,
+            r.include_descendants,
+            Source::Memberships(filters, ancestors),
+            format,
+            MEMBERSHIP_COLUMNS,
+            "adhesions",
+            ExportMembershipsResponse::from,
         )
         .await
     }

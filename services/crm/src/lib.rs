@@ -12,10 +12,11 @@
 //! ([`interactions`]); accent-insensitive and fuzzy search ([`search`]) and
 //! tags in use ([`tags`]); merges and their undoing ([`merges`]), batch
 //! duplicate scans ([`duplicates`]); CSV imports with per-row reports
-//! ([`imports`]) and streamed CSV / JSON Lines exports ([`exports`]) of
-//! organisations and contacts; GDPR access and erasure ([`gdpr`]). Not
-//! built: the imports and exports of memberships and interactions, which
-//! answer `UNIMPLEMENTED` (the generated defaults).
+//! ([`imports`]) of organisations and contacts and streamed CSV / JSON
+//! Lines exports ([`exports`]) of organisations, contacts and memberships;
+//! GDPR access and erasure ([`gdpr`]). Not built: the import of
+//! memberships, the import and export of interactions, which answer
+//! `UNIMPLEMENTED` (the generated defaults).
 
 pub mod affiliations;
 pub mod ancestry;

@@ -99,7 +99,7 @@ fn status_sql() -> String {
 /// The rows of [`MembershipRow`]: every membership visible in the
 /// transaction with its successor, organisation name, type name and status,
 /// in one statement (a subquery aliased `m`).
-fn source() -> String {
+pub(crate) fn source() -> String {
     format!(
         "(SELECT m.id, m.entity_id, m.organization_id, m.membership_type_id, m.start_date, m.end_date,
             m.grace_end_date, m.dues_cents, m.paid_cents, m.currency_code, m.payment_status, m.payment_date,
@@ -107,7 +107,9 @@ fn source() -> String {
             m.cancel_reason, m.version, m.create_time, m.update_time,
             coalesce(o.legal_name, '') AS organization_legal_name,
             coalesce(o.name_key, '') AS organization_name_key,
+            coalesce(o.siret, '') AS organization_siret, coalesce(o.siren, '') AS organization_siren,
             coalesce(t.display_name, '') AS membership_type_display_name,
+            coalesce(t.code, '') AS membership_type_code,
             {status} AS status, {TODAY_SQL} AS today
           FROM memberships m
           LEFT JOIN memberships n ON n.previous_membership_id = m.id
@@ -166,8 +168,16 @@ pub(crate) struct MembershipRow {
     organization_legal_name: String,
     #[diesel(sql_type = Text)]
     organization_name_key: String,
+    /// The organisation's SIRET and SIREN (empty when unknown): exports.
+    #[diesel(sql_type = Text)]
+    pub organization_siret: String,
+    #[diesel(sql_type = Text)]
+    pub organization_siren: String,
     #[diesel(sql_type = Text)]
     membership_type_display_name: String,
+    /// The type's code: exports.
+    #[diesel(sql_type = Text)]
+    pub membership_type_code: String,
     #[diesel(sql_type = SmallInt)]
     status: i16,
     /// Today in Europe/Paris, as the database sees it.
@@ -597,9 +607,9 @@ fn apply_mask(into: &mut Membership, from: Membership, mask: &FieldMask) {
     }
 }
 
-/// The filters of a list, validated.
+/// The filters of a list or an export, validated.
 #[derive(Debug, Clone, Default)]
-struct Filters {
+pub(crate) struct Filters {
     organization: Option<Uuid>,
     membership_type: Option<Uuid>,
     statuses: Vec<i16>,
@@ -610,7 +620,7 @@ struct Filters {
     not_renewed: bool,
 }
 
-fn filters(r: &ListMembershipsRequest) -> Result<Filters, Error> {
+pub(crate) fn filters(r: &ListMembershipsRequest) -> Result<Filters, Error> {
     let mut v = Violations::new();
     let mut f = Filters { not_renewed: r.not_renewed, ..Filters::default() };
     match parse_optional_id("organization_id", &r.organization_id) {
@@ -651,6 +661,35 @@ fn filters(r: &ListMembershipsRequest) -> Result<Filters, Error> {
     f.payment_statuses.sort_unstable();
     f.payment_statuses.dedup();
     Ok(f)
+}
+
+/// The `WHERE` clause of lists and exports over [`source`]: binds $1
+/// (entities) to $9; the keyset binds follow.
+pub(crate) const WHERE_SQL: &str = "m.entity_id = ANY($1)
+    AND ($2::uuid IS NULL OR m.organization_id = $2)
+    AND ($3::uuid IS NULL OR m.membership_type_id = $3)
+    AND (cardinality($4::smallint[]) = 0 OR m.status = ANY($4))
+    AND (cardinality($5::smallint[]) = 0 OR m.payment_status = ANY($5))
+    AND ($6::date IS NULL OR (m.start_date <= $6 AND m.end_date >= $6
+         AND (m.cancel_date IS NULL OR m.cancel_date > $6)))
+    AND ($7::date IS NULL OR m.end_date >= $7)
+    AND ($8::date IS NULL OR m.end_date <= $8)
+    AND (NOT $9 OR m.next_membership_id IS NULL)";
+
+pub(crate) type Boxed<'f> = diesel::query_builder::BoxedSqlQuery<'f, diesel::pg::Pg, diesel::query_builder::SqlQuery>;
+
+/// Binds the filters of [`WHERE_SQL`] ($1 to $9).
+pub(crate) fn bind_filters<'f>(query: Boxed<'f>, entities: Vec<Uuid>, f: &Filters) -> Boxed<'f> {
+    query
+        .bind::<Array<SqlUuid>, _>(entities)
+        .bind::<Nullable<SqlUuid>, _>(f.organization)
+        .bind::<Nullable<SqlUuid>, _>(f.membership_type)
+        .bind::<Array<SmallInt>, _>(f.statuses.clone())
+        .bind::<Array<SmallInt>, _>(f.payment_statuses.clone())
+        .bind::<Nullable<Date>, _>(f.active_on)
+        .bind::<Nullable<Date>, _>(f.end_from)
+        .bind::<Nullable<Date>, _>(f.end_to)
+        .bind::<Bool, _>(f.not_renewed)
 }
 
 /// The SQL order and keyset condition of a list order (keys: `$10`, `$11`
@@ -842,18 +881,7 @@ impl Memberships {
         let entities = scope_ids(&scope, entity);
         let ancestors = self.ancestry.of(entity).await?;
         let sql = format!(
-            "SELECT * FROM {source}
-              WHERE m.entity_id = ANY($1)
-                AND ($2::uuid IS NULL OR m.organization_id = $2)
-                AND ($3::uuid IS NULL OR m.membership_type_id = $3)
-                AND (cardinality($4::smallint[]) = 0 OR m.status = ANY($4))
-                AND (cardinality($5::smallint[]) = 0 OR m.payment_status = ANY($5))
-                AND ($6::date IS NULL OR (m.start_date <= $6 AND m.end_date >= $6
-                     AND (m.cancel_date IS NULL OR m.cancel_date > $6)))
-                AND ($7::date IS NULL OR m.end_date >= $7)
-                AND ($8::date IS NULL OR m.end_date <= $8)
-                AND (NOT $9 OR m.next_membership_id IS NULL)
-                AND ($10::text IS NULL OR {after})
+            "SELECT * FROM {source} WHERE {WHERE_SQL} AND ($10::text IS NULL OR {after})
               ORDER BY {order} LIMIT {limit}",
             source = source(),
             after = order.after,
@@ -865,16 +893,7 @@ impl Memberships {
             .transaction(&scope, move |conn| {
                 Box::pin(async move {
                     set_ancestors(conn, &ancestors).await?;
-                    diesel::sql_query(sql)
-                        .bind::<Array<SqlUuid>, _>(entities)
-                        .bind::<Nullable<SqlUuid>, _>(f.organization)
-                        .bind::<Nullable<SqlUuid>, _>(f.membership_type)
-                        .bind::<Array<SmallInt>, _>(f.statuses.clone())
-                        .bind::<Array<SmallInt>, _>(f.payment_statuses.clone())
-                        .bind::<Nullable<Date>, _>(f.active_on)
-                        .bind::<Nullable<Date>, _>(f.end_from)
-                        .bind::<Nullable<Date>, _>(f.end_to)
-                        .bind::<Bool, _>(f.not_renewed)
+                    bind_filters(diesel::sql_query(sql).into_boxed(), entities, &f)
                         .bind::<Nullable<Text>, _>(after.as_ref().map(|a| a.0.clone()))
                         .bind::<Nullable<Text>, _>(after.as_ref().map(|a| a.1.clone()))
                         .bind::<Nullable<SqlUuid>, _>(after.as_ref().map(|a| a.2))
@@ -1335,6 +1354,14 @@ impl MembershipService for Memberships {
         reply(result.map(|m| CancelMembershipResponse { membership: Some(m) }), request_id)
     }
 
-    // ImportMemberships, ExportMemberships: not built yet (the generated
-    // defaults answer UNIMPLEMENTED).
+    async fn export_memberships(
+        &self,
+        request: Request<ExportMembershipsRequest>,
+    ) -> Result<Response<crate::exports::Pieces<ExportMembershipsResponse>>, Status> {
+        let (request_id, caller) = (rid(&request), Caller::of(&request));
+        reply(Memberships::export_memberships(self, &caller, request.into_inner()).await, request_id)
+    }
+
+    // ImportMemberships: not built yet (the generated default answers
+    // UNIMPLEMENTED).
 }

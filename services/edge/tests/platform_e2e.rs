@@ -64,10 +64,11 @@ async fn readiness_reaches_every_service_through_rest_grpc_web_and_grpc() {
 async fn contract_rpcs_not_built_yet_answer_unimplemented_through_every_protocol() {
     let platform = Platform::start().await.expect("platform starts");
     let edge = platform.edge_url();
-    // A REST route generated from the crm contract reaches the crm service.
+    // A REST route generated from the cms contract reaches the cms service,
+    // whose RPCs are not built yet.
     let response = reqwest::Client::new()
-        .post(format!("{edge}/api/v1/memberships:export"))
-        .json(&serde_json::json!({ "entityId": "8b7d7d0e-4b1a-4c8e-9d43-6f1f2a0f0a11" }))
+        .post(format!("{edge}/api/v1/categories"))
+        .json(&serde_json::json!({ "category": { "entityId": "8b7d7d0e-4b1a-4c8e-9d43-6f1f2a0f0a11" } }))
         .send()
         .await
         .unwrap();

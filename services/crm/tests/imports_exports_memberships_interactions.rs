@@ -1,0 +1,307 @@
+//! CSV imports and exports of memberships and interactions through the
+//! edge on the secured platform: raw REST uploads and downloads, native
+//! gRPC streaming, real access decisions and entity ancestors from tenancy,
+//! PostgreSQL with row-level security, audit events through the outbox.
+
+use chrono::{Datelike, NaiveDate, Utc};
+use reqwest::Method;
+use serde_json::{Value, json};
+use socle_proto::socle::crm::v1::{
+    ExportFormat, ExportMembershipsRequest, MembershipStatus, membership_service_client::MembershipServiceClient,
+};
+use socle_testkit::secure::authed;
+use support::{Branches, data_rows, read_export, siret, windows_1252};
+use uuid::Uuid;
+
+mod support;
+
+/// The membership types of the tests: a national one offered to every
+/// branch and one of Lyon's.
+struct Types {
+    /// The national type `STD` (500 € a year), offered to the branches.
+    std: String,
+    /// Lyon's own type `LYON` (120 € a year).
+    lyon: String,
+}
+
+/// Two branches with their staff, and the membership types.
+async fn world() -> (Branches, Types) {
+    let w = Branches::start().await;
+    let (root, lyon) = (w.p.root.clone(), w.lyon.clone());
+    let std = create_type(
+        &w,
+        &root,
+        json!({ "code": "STD", "displayName": "Adhésion standard",
+            "offeredToDescendants": true, "yearlyDues": { "amountCents": "50000" } }),
+    )
+    .await;
+    let lyon = create_type(
+        &w,
+        &lyon,
+        json!({ "code": "LYON", "displayName": "Adhésion lyonnaise",
+            "yearlyDues": { "amountCents": "12000" } }),
+    )
+    .await;
+    (w, Types { std, lyon })
+}
+
+impl Branches {
+    /// Creates a record through `path` (`field` names it in the request and
+    /// the response) acting for `entity`, confirming likely duplicates;
+    /// returns it.
+    async fn create(&self, token: &str, path: &str, field: &str, entity: &str, record: Value) -> Value {
+        let mut record = record;
+        record["entityId"] = json!(entity);
+        let mut body = json!({ "requestId": Uuid::new_v4().to_string(), field: record });
+        if matches!(field, "organization" | "contact") {
+            body["allowDuplicates"] = json!(true);
+        }
+        let (status, body) = self.call(token, Method::POST, path, entity, Some(body)).await;
+        assert_eq!(status, 200, "{body}");
+        body[field].clone()
+    }
+
+    async fn create_org(&self, token: &str, entity: &str, org: Value) -> String {
+        let created = self.create(token, "/api/v1/organizations", "organization", entity, org).await;
+        created["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn create_membership(&self, token: &str, entity: &str, m: Value) -> Value {
+        self.create(token, "/api/v1/memberships", "membership", entity, m).await
+    }
+
+    /// A CSV export that must succeed, as text.
+    async fn export_text(&self, token: &str, what: &str, entity: &str, body: Value) -> String {
+        String::from_utf8(self.download(token, what, entity, body).await.2).unwrap()
+    }
+}
+
+async fn create_type(b: &Branches, entity: &str, t: Value) -> String {
+    let mut t = t;
+    t["entityId"] = json!(entity);
+    let body = json!({ "requestId": Uuid::new_v4().to_string(), "membershipType": t });
+    let (status, body) = b.call(&b.p.admin_token, Method::POST, "/api/v1/membership-types", entity, Some(body)).await;
+    assert_eq!(status, 200, "{body}");
+    body["membershipType"]["id"].as_str().unwrap().to_owned()
+}
+
+/// The data rows of a CSV export given as text.
+fn text_rows(csv: &str) -> Vec<String> {
+    data_rows(csv.as_bytes())
+}
+
+/// Today in Europe/Paris, close enough for dates away from the new year.
+fn today() -> NaiveDate {
+    (Utc::now() + chrono::Duration::hours(1)).date_naive()
+}
+
+fn jan1(year_offset: i32) -> String {
+    NaiveDate::from_ymd_opt(today().year() + year_offset, 1, 1).unwrap().to_string()
+}
+
+fn dec31(year_offset: i32) -> String {
+    NaiveDate::from_ymd_opt(today().year() + year_offset, 12, 31).unwrap().to_string()
+}
+
+/// Lyon's organisations and memberships of the export tests, and one of
+/// Lille's.
+struct Memberships {
+    emile: String,
+    emile_siret: String,
+    atelier: String,
+}
+
+async fn memberships(w: &Branches, t: &Types) -> Memberships {
+    let (lyon, lille) = (w.lyon.clone(), w.lille.clone());
+    let emile_siret = siret(11_111_111);
+    let emile =
+        w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Boulangerie Émile", "siret": emile_siret })).await;
+    let atelier = w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Atelier Numérique" })).await;
+    // Last year, paid in full; this year, its renewal, unpaid.
+    w.create_membership(
+        &w.lyon_staff,
+        &lyon,
+        json!({ "organizationId": emile, "membershipTypeId": t.std, "startDate": jan1(-1),
+                "amountPaid": { "amountCents": "50000" }, "paymentDate": jan1(-1), "paymentReference": "CHQ-1" }),
+    )
+    .await;
+    let renewal = w
+        .create_membership(
+            &w.lyon_staff,
+            &lyon,
+            json!({ "organizationId": emile, "membershipTypeId": t.std, "startDate": jan1(0) }),
+        )
+        .await;
+    assert!(!renewal["previousMembershipId"].as_str().unwrap_or("").is_empty(), "{renewal}");
+    w.create_membership(
+        &w.lyon_staff,
+        &lyon,
+        json!({ "organizationId": atelier, "membershipTypeId": t.lyon, "startDate": jan1(0),
+                "duesAmount": { "amountCents": "15050" }, "amountPaid": { "amountCents": "5000" },
+                "notes": "Relance : « urgent », voir courrier" }),
+    )
+    .await;
+    let nord = w.create_org(&w.lille_staff, &lille, json!({ "legalName": "Brasserie du Nord" })).await;
+    w.create_membership(
+        &w.lille_staff,
+        &lille,
+        json!({ "organizationId": nord, "membershipTypeId": t.std, "startDate": jan1(0) }),
+    )
+    .await;
+    Memberships { emile, emile_siret, atelier }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn membership_exports_stay_in_scope_apply_the_list_filters_in_csv_and_json_lines() {
+    let (w, t) = world().await;
+    let (lyon, lille) = (w.lyon.clone(), w.lille.clone());
+    let m = memberships(&w, &t).await;
+
+    // CSV by default: `;`, UTF-8 with a byte order mark, a file name, every
+    // column, the type's code and the organisation's identifiers.
+    let (content_type, disposition, bytes) =
+        w.download(&w.lyon_staff, "memberships", &lyon, json!({ "entityId": lyon })).await;
+    assert_eq!(content_type, "text/csv; charset=utf-8");
+    assert!(disposition.starts_with("attachment; filename=\"adhesions-"), "{disposition}");
+    let csv = String::from_utf8(bytes).unwrap();
+    assert!(
+        csv.starts_with(
+            "\u{feff}id;organization_id;organization_siret;organization_siren;organization_external_ref;\
+             organization_legal_name;membership_type_id;membership_type_code;membership_type_display_name;\
+             start_date;end_date;dues_amount;amount_paid;payment_status;payment_date;payment_reference;notes;status;"
+        ),
+        "{csv}"
+    );
+    let rows = text_rows(&csv);
+    assert_eq!(rows.len(), 3, "{csv}");
+    let paid = rows.iter().find(|r| r.contains("CHQ-1")).expect("last year's period");
+    let prefix = format!(
+        "|{}|{}|{}||Boulangerie Émile|{}|STD|Adhésion standard|{}|{}|500,00|500,00|paid|{}|CHQ-1||expired|",
+        m.emile,
+        m.emile_siret,
+        &m.emile_siret[..9],
+        t.std,
+        jan1(-1),
+        dec31(-1),
+        jan1(-1)
+    );
+    assert!(paid.contains(&prefix), "{paid}\n{prefix}");
+
+    // Only within the caller's scope: Lille's export has none of Lyon's
+    // rows, Lille cannot export Lyon, the national administrator exports
+    // the whole tree.
+    let lille_csv = w.export_text(&w.lille_staff, "memberships", &lille, json!({})).await;
+    assert_eq!(text_rows(&lille_csv).len(), 1, "{lille_csv}");
+    assert!(lille_csv.contains("Brasserie du Nord") && !lille_csv.contains("Émile"), "{lille_csv}");
+    let (status, _, _, _) = w.export(&w.lille_staff, "memberships", &lyon, json!({ "entityId": lyon })).await;
+    assert_eq!(status, 403);
+    let all = w
+        .export_text(
+            &w.p.admin_token,
+            "memberships",
+            &w.p.root,
+            json!({ "entityId": w.p.root, "includeDescendants": true }),
+        )
+        .await;
+    assert_eq!(text_rows(&all).len(), 4, "{all}");
+
+    // The list's filters; columns chosen by name or French label.
+    let columns = json!([
+        "organization_legal_name",
+        "Code du type d'adhésion",
+        "start_date",
+        "end_date",
+        "dues_amount",
+        "amount_paid",
+        "payment_status",
+        "status"
+    ]);
+    let active = w
+        .export_text(
+            &w.lyon_staff,
+            "memberships",
+            &lyon,
+            json!({ "statuses": ["MEMBERSHIP_STATUS_ACTIVE"], "columns": columns }),
+        )
+        .await;
+    assert_eq!(
+        active,
+        format!(
+            "\u{feff}organization_legal_name;Code du type d'adhésion;start_date;end_date;dues_amount;amount_paid;\
+             payment_status;status\r\n\
+             Boulangerie Émile;STD;{};{};500,00;0,00;unpaid;active\r\n\
+             Atelier Numérique;LYON;{};{};150,50;50,00;partially_paid;active\r\n",
+            jan1(0),
+            dec31(0),
+            jan1(0),
+            dec31(0)
+        )
+    );
+    let one_column = |filter: Value| {
+        let mut body = filter;
+        body["columns"] = json!(["organization_legal_name", "start_date"]);
+        body
+    };
+    for (filter, expected) in [
+        (json!({ "paymentStatuses": ["PAYMENT_STATUS_PAID"] }), vec![format!("Boulangerie Émile|{}", jan1(-1))]),
+        (json!({ "organizationId": m.atelier }), vec![format!("Atelier Numérique|{}", jan1(0))]),
+        (
+            json!({ "membershipTypeId": t.std }),
+            vec![format!("Boulangerie Émile|{}", jan1(-1)), format!("Boulangerie Émile|{}", jan1(0))],
+        ),
+        (
+            json!({ "activeOnDate": format!("{}-07-01", today().year() - 1) }),
+            vec![format!("Boulangerie Émile|{}", jan1(-1))],
+        ),
+    ] {
+        let csv = w.export_text(&w.lyon_staff, "memberships", &lyon, one_column(filter.clone())).await;
+        assert_eq!(text_rows(&csv), expected, "{filter}");
+    }
+    for bad in [
+        json!({ "columns": ["couleur"] }),
+        json!({ "statuses": ["MEMBERSHIP_STATUS_NONE"] }),
+        json!({ "activeOnDate": "2025-13-01" }),
+        json!({ "delimiter": "|" }),
+    ] {
+        let (status, _, _, problem) = w.export(&w.lyon_staff, "memberships", &lyon, bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {}", String::from_utf8_lossy(&problem));
+    }
+
+    // Windows-1252 and `,` on request (a cell holding `,` is quoted).
+    let options = json!({ "encoding": "TEXT_ENCODING_WINDOWS_1252", "delimiter": ",", "organizationId": m.atelier,
+                          "columns": ["organization_legal_name", "notes"] });
+    let (content_type, _, latin) = w.download(&w.lyon_staff, "memberships", &lyon, options).await;
+    assert_eq!(content_type, "text/csv; charset=windows-1252");
+    let expected = "organization_legal_name,notes\r\nAtelier Numérique,\"Relance : « urgent », voir courrier\"\r\n";
+    assert_eq!(latin, windows_1252(expected));
+
+    // JSON Lines: one proto3 JSON record per line, every field included,
+    // the national type's name read through Lyon's ancestors.
+    let options = json!({ "format": "EXPORT_FORMAT_JSON_LINES" });
+    let (content_type, disposition, jsonl) = w.download(&w.lyon_staff, "memberships", &lyon, options).await;
+    assert_eq!(content_type, "application/jsonl");
+    assert!(disposition.ends_with(".jsonl\""), "{disposition}");
+    let lines: Vec<Value> =
+        String::from_utf8(jsonl).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| l["entityId"] == lyon.as_str() && l.get("cancelReason").is_some()), "{lines:?}");
+    let std = lines.iter().filter(|l| l["membershipTypeDisplayName"] == "Adhésion standard").count();
+    assert_eq!(std, 2, "{lines:?}");
+    assert!(lines.iter().any(|l| l["duesAmount"]["amountCents"] == "15050"), "{lines:?}");
+
+    // Native gRPC through the edge, with a filter: the media type first,
+    // the count last.
+    let mut client = MembershipServiceClient::connect(w.p.edge.url()).await.unwrap();
+    let request = ExportMembershipsRequest {
+        statuses: vec![MembershipStatus::Active as i32],
+        format: ExportFormat::JsonLines as i32,
+        ..Default::default()
+    };
+    let stream = client.export_memberships(authed(request, &w.lyon_staff, &lyon)).await.unwrap().into_inner();
+    let (content_type, filename, count, text) = read_export(stream).await;
+    assert_eq!((content_type.as_str(), count), ("application/jsonl", 2));
+    assert!(filename.starts_with("adhesions-") && filename.ends_with(".jsonl"), "{filename}");
+    let statuses: Vec<Value> =
+        text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["status"].clone()).collect();
+    assert_eq!(statuses, [json!("MEMBERSHIP_STATUS_ACTIVE"), json!("MEMBERSHIP_STATUS_ACTIVE")]);
+}
