@@ -1,15 +1,17 @@
-//! CSV and JSON Lines exports of organisations, contacts and memberships
-//! (`ExportOrganizations`, `ExportContacts`, `ExportMemberships`), and the
-//! CSV columns that imports read back ([`ORGANIZATION_COLUMNS`],
-//! [`CONTACT_COLUMNS`], [`MEMBERSHIP_COLUMNS`]).
+//! CSV and JSON Lines exports of organisations, contacts, memberships and
+//! interactions (`ExportOrganizations`, `ExportContacts`,
+//! `ExportMemberships`, `ExportInteractions`), and the CSV columns that
+//! imports read back ([`ORGANIZATION_COLUMNS`], [`CONTACT_COLUMNS`],
+//! [`MEMBERSHIP_COLUMNS`], [`INTERACTION_COLUMNS`]).
 //!
 //! An export is streamed: pages of [`PAGE`] records are read with a keyset
 //! cursor on the id (UUIDv7, so creation order), each page in its own
 //! short transaction with the caller's scope, written out and sent as
 //! chunks of about [`CHUNK`] bytes; the whole table is never in memory. The
 //! filters are those of the lists (`organizations::where_sql`,
-//! `contacts::where_sql`, `memberships::WHERE_SQL`), within the part of the
-//! entity's subtree where the caller holds the export permission.
+//! `contacts::where_sql`, `memberships::WHERE_SQL`,
+//! `interactions::where_sql`), within the part of the entity's subtree
+//! where the caller holds the export permission.
 //! Memberships are read with the entity's ancestors set, as their list
 //! does, so that the types those offer show their code and name.
 //!
@@ -20,27 +22,32 @@
 //! holds the column names below, or their French labels when the columns
 //! were requested by label. Cell formats:
 //! - lists (`tags`, `other_emails`, `other_phones`, `affiliation_roles`,
-//!   `consents`, `external_refs`) are comma-separated inside the cell;
+//!   `consents`, `external_refs`, `contact_ids`, `contact_emails`,
+//!   `participant_user_ids`) are comma-separated inside the cell;
 //! - `external_refs`: `system=value` pairs (`,` and `\` in values escaped
 //!   with `\`);
 //! - `headcount_band`: the INSEE code (`00`, `01` … `53`);
 //! - `address_kind`, `affiliation_roles`, `membership_status`, `status`,
-//!   `payment_status`: the enum value's name without its prefix, in lower
-//!   case (`head_office`, `primary_contact`, `active`, `partially_paid`);
+//!   `payment_status`, `kind`, `direction`: the enum value's name without
+//!   its prefix, in lower case (`head_office`, `primary_contact`, `active`,
+//!   `partially_paid`, `event_attendance`, `outbound`);
 //! - `civility`: `Madame` or `Monsieur`;
 //! - `consents`: `topic:channel` when granted, `topic:channel:non` when
 //!   withdrawn (`newsletter:email`, `events:sms:non`);
 //! - amounts (`dues_amount`, `amount_paid`): euros with a decimal comma and
 //!   two decimals, no thousands separator (`1500,00`);
+//! - `duration`: `H:MM:SS` (`0:45:00`, `36:00:00`);
 //! - dates: `YYYY-MM-DD`; times: RFC 3339 in UTC.
 //!
 //! Organisations export their primary address; contacts their primary
 //! e-mail and phone (`email`, `phone`), the others in `other_emails` and
 //! `other_phones`, and their first current affiliation (by organisation
 //! name: `organization_*` and `affiliation_*` columns); memberships their
-//! organisation's id, SIRET and SIREN and their type's id and code. JSON
-//! Lines carries every field of every record (proto3 JSON, defaults
-//! included).
+//! organisation's id, SIRET and SIREN and their type's id and code;
+//! interactions their organisation's id and SIRET, their contacts' ids and
+//! primary e-mail addresses (a contact without one adds no address), and
+//! their author. JSON Lines carries every field of every record (proto3
+//! JSON, defaults included).
 //!
 //! Columns marked output-only are written by exports and ignored by
 //! imports, so that an export re-imports as is.
@@ -63,6 +70,7 @@ use crate::{
     ancestry::set_ancestors,
     common::{Caller, Crm, TODAY_SQL},
     contacts::{self, ContactRow},
+    interactions::{self, InteractionRow},
     memberships::{self, Boxed, MembershipRow, Memberships},
     organizations::{self, OrganizationRow, scope_ids},
 };
@@ -176,6 +184,30 @@ pub const MEMBERSHIP_COLUMNS: &[Column] = &[
     out("next_membership_id", "Adhésion suivante"),
     out("cancel_date", "Date de résiliation"),
     out("cancel_reason", "Motif de résiliation"),
+    out("create_time", "Créé le"),
+    out("update_time", "Modifié le"),
+];
+
+/// The CSV columns of interactions, in export order.
+pub const INTERACTION_COLUMNS: &[Column] = &[
+    out("id", "Identifiant"),
+    col("kind", "Type"),
+    col("occur_time", "Date"),
+    col("subject", "Objet"),
+    col("body", "Détails"),
+    col("duration", "Durée"),
+    col("direction", "Sens"),
+    col("organization_id", "Identifiant de l'organisation"),
+    col("organization_siret", "SIRET de l'organisation"),
+    col("organization_external_ref", "Référence externe de l'organisation"),
+    out("organization_legal_name", "Organisation"),
+    col("contact_ids", "Identifiants des contacts"),
+    col("contact_emails", "E-mails des contacts"),
+    col("event_name", "Événement"),
+    col("location", "Lieu"),
+    col("participant_user_ids", "Participants"),
+    col("tags", "Étiquettes"),
+    out("author_id", "Auteur"),
     out("create_time", "Créé le"),
     out("update_time", "Modifié le"),
 ];
@@ -471,6 +503,68 @@ pub fn membership_cells(m: &Membership, refs: &MembershipRefs) -> Vec<String> {
         .collect()
 }
 
+/// A duration as `H:MM:SS` (hours not wrapped: `36:00:00`).
+pub fn format_duration(d: &prost_types::Duration) -> String {
+    let s = d.seconds.max(0);
+    format!("{}:{:02}:{:02}", s / 3600, s % 3600 / 60, s % 60)
+}
+
+/// An interaction with what its CSV row shows besides the record: its
+/// organisation's SIRET and its contacts' primary e-mail addresses, in the
+/// order of `contact_ids` (empty for a contact without one).
+#[derive(QueryableByName)]
+pub struct InteractionLine {
+    #[diesel(embed)]
+    record: InteractionRow,
+    #[diesel(sql_type = Text)]
+    organization_siret: String,
+    #[diesel(sql_type = Array<Text>)]
+    contact_emails: Vec<String>,
+}
+
+/// The columns of [`InteractionLine`] besides the row's, over
+/// `interactions::FROM`.
+const INTERACTION_LINE_COLUMNS: &str = "coalesce(o.siret, '') AS organization_siret,
+    coalesce((SELECT array_agg(coalesce((SELECT e->>'address' FROM jsonb_array_elements(c.emails) e
+                                          WHERE (e->>'primary')::boolean LIMIT 1), '')
+                               ORDER BY ic.ordinal, ic.contact_id)
+                FROM interaction_contacts ic JOIN contacts c ON c.id = ic.contact_id
+               WHERE ic.interaction_id = i.id), '{}') AS contact_emails";
+
+/// The cells of an interaction, one per [`INTERACTION_COLUMNS`] entry.
+pub fn interaction_cells(i: &Interaction, line: &InteractionLine) -> Vec<String> {
+    INTERACTION_COLUMNS
+        .iter()
+        .map(|c| match c.name {
+            "id" => i.id.clone(),
+            "kind" => {
+                short_name(InteractionKind::try_from(i.kind).unwrap_or_default().as_str_name(), "INTERACTION_KIND_")
+            }
+            "occur_time" => time(&i.occur_time),
+            "subject" => i.subject.clone(),
+            "body" => i.body.clone(),
+            "duration" => i.duration.as_ref().map(format_duration).unwrap_or_default(),
+            "direction" => short_name(
+                InteractionDirection::try_from(i.direction).unwrap_or_default().as_str_name(),
+                "INTERACTION_DIRECTION_",
+            ),
+            "organization_id" => i.organization_id.clone(),
+            "organization_siret" => line.organization_siret.clone(),
+            "organization_legal_name" => i.organization_legal_name.clone(),
+            "contact_ids" => join_list(&i.contact_ids),
+            "contact_emails" => join_list(&line.contact_emails),
+            "event_name" => i.event_name.clone(),
+            "location" => i.location.clone(),
+            "participant_user_ids" => join_list(&i.participant_user_ids),
+            "tags" => join_list(&i.tags),
+            "author_id" => i.author.as_ref().map(|a| a.id.clone()).unwrap_or_default(),
+            "create_time" => time(&i.create_time),
+            "update_time" => time(&i.update_time),
+            _ => String::new(),
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------
 // Writers
 // ---------------------------------------------------------------------------
@@ -678,7 +772,7 @@ macro_rules! from_piece {
         }
     )*};
 }
-from_piece!(ExportOrganizationsResponse, ExportContactsResponse, ExportMembershipsResponse);
+from_piece!(ExportOrganizationsResponse, ExportContactsResponse, ExportMembershipsResponse, ExportInteractionsResponse);
 
 /// What is exported.
 #[derive(Clone)]
@@ -687,6 +781,7 @@ enum Source {
     Contacts(contacts::Filters),
     /// With the ancestors whose offered types the rows may use.
     Memberships(memberships::Filters, Vec<Uuid>),
+    Interactions(interactions::Filters),
 }
 
 /// One page of records, after `after`, as export records.
@@ -769,6 +864,22 @@ async fn page(
                         })
                         .collect())
                 }
+                Source::Interactions(f) => {
+                    let sql = format!(
+                        "SELECT {}, {}, {INTERACTION_LINE_COLUMNS} FROM {} WHERE {} AND ($11::text IS NULL OR i.id > $12::uuid)
+                         ORDER BY i.id LIMIT {PAGE}",
+                        interactions::COLUMNS,
+                        interactions::COMPUTED,
+                        interactions::FROM,
+                        interactions::where_sql()
+                    );
+                    let query = interactions::bind_filters(diesel::sql_query(sql).into_boxed(), entities, &f);
+                    let lines: Vec<InteractionLine> = load_after(conn, query, after).await?;
+                    Ok(lines
+                        .into_iter()
+                        .map(|line| (line.record.id, Record::Interaction(Box::new(line.record.to_proto()), Box::new(line))))
+                        .collect())
+                }
             }
         })
     })
@@ -794,6 +905,7 @@ enum Record {
     Organization(Box<Organization>),
     Contact(Box<Contact>, Option<LinkRow>),
     Membership(Box<Membership>, MembershipRefs),
+    Interaction(Box<Interaction>, Box<InteractionLine>),
 }
 
 /// Runs an export: pages read one after the other, pieces sent as they
@@ -825,6 +937,7 @@ async fn run(
                     Record::Organization(o) => writer.record(o.as_ref(), || organization_cells(o))?,
                     Record::Contact(c, link) => writer.record(c.as_ref(), || contact_cells(c, link.as_ref()))?,
                     Record::Membership(m, refs) => writer.record(m.as_ref(), || membership_cells(m, refs))?,
+                    Record::Interaction(i, line) => writer.record(i.as_ref(), || interaction_cells(i, line))?,
                 }
                 count += 1;
                 after = Some(id);
@@ -856,33 +969,86 @@ async fn run(
     }
 }
 
-/// Starts an export and returns its stream of messages.
-#[allow(clippy::too_many_arguments)]
-async fn start<M: Send + 'static>(
+/// What an export writes: the permission it needs, its CSV columns, its
+/// JSON Lines message and its file name's stem.
+struct Exported {
+    permission: &'static str,
+    catalogue: &'static [Column],
+    message: &'static str,
+    stem: &'static str,
+}
+
+const ORGANIZATIONS: Exported = Exported {
+    permission: "crm.organizations.export",
+    catalogue: ORGANIZATION_COLUMNS,
+    message: "socle.crm.v1.Organization",
+    stem: "organisations",
+};
+const CONTACTS: Exported = Exported {
+    permission: "crm.contacts.export",
+    catalogue: CONTACT_COLUMNS,
+    message: "socle.crm.v1.Contact",
+    stem: "contacts",
+};
+const MEMBERSHIPS: Exported = Exported {
+    permission: "crm.memberships.export",
+    catalogue: MEMBERSHIP_COLUMNS,
+    message: "socle.crm.v1.Membership",
+    stem: "adhesions",
+};
+const INTERACTIONS: Exported = Exported {
+    permission: "crm.interactions.export",
+    catalogue: INTERACTION_COLUMNS,
+    message: "socle.crm.v1.Interaction",
+    stem: "interactions",
+};
+
+/// The options every export request carries.
+struct Options<'a> {
+    entity_id: &'a str,
+    include_descendants: bool,
+    format: i32,
+    columns: &'a [String],
+    encoding: i32,
+    delimiter: &'a str,
+}
+
+/// The [`Options`] of an export request.
+macro_rules! options {
+    ($r:expr) => {
+        Options {
+            entity_id: &$r.entity_id,
+            include_descendants: $r.include_descendants,
+            format: $r.format,
+            columns: &$r.columns,
+            encoding: $r.encoding,
+            delimiter: &$r.delimiter,
+        }
+    };
+}
+
+/// Validates the options, starts an export of `source` and returns its
+/// stream of messages.
+async fn start<M: From<Piece> + Send + 'static>(
     crm: &Crm,
     caller: &Caller,
-    permission: &str,
-    entity_field: &str,
-    entity_id: &str,
-    include_descendants: bool,
+    what: &Exported,
+    o: Options<'_>,
     source: Source,
-    format: Format,
-    catalogue: &'static [Column],
-    stem: &str,
-    make: fn(Piece) -> M,
 ) -> Result<Pieces<M>, Error> {
-    let entity = caller.entity_or_acting(entity_field, entity_id)?;
+    let format = Format::new(what.catalogue, what.message, o.format, o.columns, o.encoding, o.delimiter)?;
+    let entity = caller.entity_or_acting("entity_id", o.entity_id)?;
     // Within the caller's scope: the entity, or the part of its subtree
     // where the caller may export.
-    let scope = crm.list_scope(caller, permission, entity, include_descendants).await?;
+    let scope = crm.list_scope(caller, what.permission, entity, o.include_descendants).await?;
     let entities = scope_ids(&scope, entity);
-    let filename = format!("{stem}-{}.{}", chrono::Utc::now().format("%Y-%m-%d"), format.extension());
+    let filename = format!("{}-{}.{}", what.stem, chrono::Utc::now().format("%Y-%m-%d"), format.extension());
     let first = (format.content_type().to_owned(), filename);
-    let writer = Writer::new(format, catalogue);
+    let writer = Writer::new(format, what.catalogue);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Piece, Status>>(4);
     tokio::spawn(run(crm.db.clone(), scope, entities, source, writer, first, tx));
     let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|piece| (piece, rx)) });
-    Ok(Box::pin(futures::StreamExt::map(stream, move |piece| piece.map(make))))
+    Ok(Box::pin(futures::StreamExt::map(stream, |piece| piece.map(M::from))))
 }
 
 impl Crm {
@@ -904,28 +1070,7 @@ impl Crm {
             "",
             false,
         )?;
-        let format = Format::new(
-            ORGANIZATION_COLUMNS,
-            "socle.crm.v1.Organization",
-            r.format,
-            &r.columns,
-            r.encoding,
-            &r.delimiter,
-        )?;
-        start(
-            self,
-            caller,
-            "crm.organizations.export",
-            "entity_id",
-            &r.entity_id,
-            r.include_descendants,
-            Source::Organizations(filters),
-            format,
-            ORGANIZATION_COLUMNS,
-            "organisations",
-            ExportOrganizationsResponse::from,
-        )
-        .await
+        start(self, caller, &ORGANIZATIONS, options!(r), Source::Organizations(filters)).await
     }
 
     /// `ExportContacts`.
@@ -943,27 +1088,30 @@ impl Crm {
             "",
             false,
         )?;
-        let format =
-            Format::new(CONTACT_COLUMNS, "socle.crm.v1.Contact", r.format, &r.columns, r.encoding, &r.delimiter)?;
-        start(
-            self,
-            caller,
-            "crm.contacts.export",
-            "entity_id",
-            &r.entity_id,
-            r.include_descendants,
-            Source::Contacts(filters),
-            format,
-            CONTACT_COLUMNS,
-            "contacts",
-            ExportContactsResponse::from,
-        )
-        .await
+        start(self, caller, &CONTACTS, options!(r), Source::Contacts(filters)).await
+    }
+
+    /// `ExportInteractions`: the filters of `ListInteractions`.
+    pub async fn export_interactions(
+        &self,
+        caller: &Caller,
+        r: ExportInteractionsRequest,
+    ) -> Result<Pieces<ExportInteractionsResponse>, Error> {
+        let filters = interactions::filters(&ListInteractionsRequest {
+            organization_id: r.organization_id.clone(),
+            contact_id: r.contact_id.clone(),
+            kinds: r.kinds.clone(),
+            start_time: r.start_time,
+            end_time: r.end_time,
+            tags: r.tags.clone(),
+            ..ListInteractionsRequest::default()
+        })?;
+        start(self, caller, &INTERACTIONS, options!(r), Source::Interactions(filters)).await
     }
 }
 
 impl Memberships {
-    /// `ExportMemberships`.
+    /// `ExportMemberships`: the filters of `ListMemberships`.
     pub async fn export_memberships(
         &self,
         caller: &Caller,
@@ -977,24 +1125,9 @@ impl Memberships {
             active_on_date: r.active_on_date.clone(),
             ..ListMembershipsRequest::default()
         })?;
-        let format =
-            Format::new(MEMBERSHIP_COLUMNS, "socle.crm.v1.Membership", r.format, &r.columns, r.encoding, &r.delimiter)?;
         // The types the entity's ancestors offer, as the list reads them.
         let ancestors = self.ancestry.of(caller.entity_or_acting("entity_id", &r.entity_id)?).await?;
-        start(
-            self,
-            caller,
-            "crm.memberships.export",
-            "entity_id",
-            &r.entity_id,
-            r.include_descendants,
-            Source::Memberships(filters, ancestors),
-            format,
-            MEMBERSHIP_COLUMNS,
-            "adhesions",
-            ExportMembershipsResponse::from,
-        )
-        .await
+        start(self, caller, &MEMBERSHIPS, options!(r), Source::Memberships(filters, ancestors)).await
     }
 }
 

@@ -6,8 +6,8 @@
 //! its current contacts) or by contact, they form timelines. Keyset lists
 //! with filters and accent-insensitive full text, partial updates with
 //! etags, idempotent creates; every write is audited in its transaction.
-//! Import and export are not built yet (the generated defaults answer
-//! `UNIMPLEMENTED`).
+//! Exports: [`crate::exports`], with the lists' [`filters`]. Import is not
+//! built yet (the generated default answers `UNIMPLEMENTED`).
 
 use chrono::{DateTime, Utc};
 use diesel::{
@@ -33,18 +33,18 @@ use crate::{
 };
 
 /// The columns of [`InteractionRow`], over `interactions i`.
-const COLUMNS: &str = "i.id, i.entity_id, i.kind, i.subject, i.body, i.occur_time, i.duration_seconds,
+pub(crate) const COLUMNS: &str = "i.id, i.entity_id, i.kind, i.subject, i.body, i.occur_time, i.duration_seconds,
     i.direction, i.organization_id, i.event_name, i.location, i.participant_user_ids, i.tags, i.author_kind,
     i.author_id, i.version, i.create_time, i.update_time";
 
 /// The computed columns of [`InteractionRow`] (contacts and the
 /// organisation's name), in the same statement: no query per row.
-const COMPUTED: &str = "coalesce((SELECT array_agg(ic.contact_id ORDER BY ic.ordinal, ic.contact_id)
+pub(crate) const COMPUTED: &str = "coalesce((SELECT array_agg(ic.contact_id ORDER BY ic.ordinal, ic.contact_id)
         FROM interaction_contacts ic WHERE ic.interaction_id = i.id), '{}') AS contact_ids,
     coalesce(o.legal_name, '') AS organization_legal_name";
 
 /// Interactions with their organisation (same entity, so visible together).
-const FROM: &str = "interactions i LEFT JOIN organizations o ON o.id = i.organization_id";
+pub(crate) const FROM: &str = "interactions i LEFT JOIN organizations o ON o.id = i.organization_id";
 
 /// Longest subject (the contract says 200; the table allows 300).
 const SUBJECT_MAX: usize = 200;
@@ -386,7 +386,7 @@ async fn load_for_update(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Optio
     load(conn, id).await
 }
 
-type Boxed<'f> = diesel::query_builder::BoxedSqlQuery<'f, diesel::pg::Pg, diesel::query_builder::SqlQuery>;
+pub(crate) type Boxed<'f> = diesel::query_builder::BoxedSqlQuery<'f, diesel::pg::Pg, diesel::query_builder::SqlQuery>;
 
 /// Binds $1 to $11 of the insert and update statements.
 fn bind_input<'f>(query: Boxed<'f>, input: &InteractionInput) -> Boxed<'f> {
@@ -509,7 +509,7 @@ fn prefix_tsquery(folded: &str) -> String {
 
 /// The `WHERE` clause of lists over [`FROM`]: binds $1 (entities) to $10;
 /// the keyset binds are $11 and $12.
-fn where_sql() -> String {
+pub(crate) fn where_sql() -> String {
     format!(
         "i.entity_id = ANY($1)
          AND ($2::uuid IS NULL OR i.organization_id = $2
@@ -526,6 +526,86 @@ fn where_sql() -> String {
          AND i.tags @> $9
          AND ($10 = '' OR i.search_vector @@ to_tsquery('french', $10))"
     )
+}
+
+/// The filters of a list or an export, validated.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Filters {
+    organization: Option<Uuid>,
+    with_contacts: bool,
+    contact: Option<Uuid>,
+    kinds: Vec<i16>,
+    start: Option<DateTime<Utc>>,
+    end: Option<DateTime<Utc>>,
+    author: Option<Uuid>,
+    tags: Vec<String>,
+    /// The folded words of `query`, as a prefix `tsquery`.
+    tsquery: String,
+}
+
+pub(crate) fn filters(r: &ListInteractionsRequest) -> Result<Filters, Error> {
+    let mut v = Violations::new();
+    let organization =
+        socle_api::parse_optional_id("organization_id", &r.organization_id).map_err(|e| absorb(&mut v, e));
+    if r.include_contact_interactions && r.organization_id.is_empty() {
+        v.add("include_contact_interactions", "ne s'emploie qu'avec organization_id");
+    }
+    let contact = socle_api::parse_optional_id("contact_id", &r.contact_id).map_err(|e| absorb(&mut v, e));
+    let mut kinds = Vec::new();
+    for (i, kind) in r.kinds.iter().enumerate() {
+        match InteractionKind::try_from(*kind) {
+            Ok(InteractionKind::Unspecified) | Err(_) => v.add(format!("kinds[{i}]"), "type d'interaction inconnu"),
+            Ok(kind) => kinds.push(kind as i16),
+        }
+    }
+    let mut time = |name: &str, t: &Option<prost_types::Timestamp>| match t {
+        None => None,
+        Some(t) => from_timestamp(name, t).map_err(|e| absorb(&mut v, e)).ok(),
+    };
+    let start = time("start_time", &r.start_time);
+    let end = time("end_time", &r.end_time);
+    if let (Some(start), Some(end)) = (start, end)
+        && end <= start
+    {
+        v.add("end_time", "la fin doit être postérieure au début");
+    }
+    let author = socle_api::parse_optional_id("author_id", &r.author_id).map_err(|e| absorb(&mut v, e));
+    let tags = validate::normalize_tags(&r.tags)
+        .map_err(|(i, reason)| v.add(format!("tags[{i}]"), validate::describe(reason)));
+    let query = r.query.trim().to_owned();
+    v.check(query.chars().count() <= 200, "query", "au plus 200 caractères");
+    v.into_result()?;
+    let (Ok(organization), Ok(contact), Ok(author), Ok(tags)) = (organization, contact, author, tags) else {
+        return Err(Error::internal("violations were reported"));
+    };
+    kinds.sort_unstable();
+    kinds.dedup();
+    Ok(Filters {
+        organization,
+        with_contacts: r.include_contact_interactions,
+        contact,
+        kinds,
+        start,
+        end,
+        author,
+        tags,
+        tsquery: prefix_tsquery(&sql_fold(&query)),
+    })
+}
+
+/// Binds the filters of [`where_sql`] ($1 to $10).
+pub(crate) fn bind_filters<'f>(query: Boxed<'f>, entities: Vec<Uuid>, f: &Filters) -> Boxed<'f> {
+    query
+        .bind::<Array<SqlUuid>, _>(entities)
+        .bind::<Nullable<SqlUuid>, _>(f.organization)
+        .bind::<Bool, _>(f.with_contacts)
+        .bind::<Nullable<SqlUuid>, _>(f.contact)
+        .bind::<Array<SmallInt>, _>(f.kinds.clone())
+        .bind::<Nullable<Timestamptz>, _>(f.start)
+        .bind::<Nullable<Timestamptz>, _>(f.end)
+        .bind::<Text, _>(f.author.map(|a| a.to_string()).unwrap_or_default())
+        .bind::<Array<Text>, _>(f.tags.clone())
+        .bind::<Text, _>(f.tsquery.clone())
 }
 
 impl Crm {
@@ -610,49 +690,8 @@ impl Crm {
         let entity = caller.entity_or_acting("entity_id", &r.entity_id)?;
         let order_by = r.order_by.trim().to_owned();
         let order = order(&order_by)?;
-        let mut v = Violations::new();
-        let organization =
-            socle_api::parse_optional_id("organization_id", &r.organization_id).map_err(|e| absorb(&mut v, e));
-        if r.include_contact_interactions && r.organization_id.is_empty() {
-            v.add("include_contact_interactions", "ne s'emploie qu'avec organization_id");
-        }
-        let contact = socle_api::parse_optional_id("contact_id", &r.contact_id).map_err(|e| absorb(&mut v, e));
-        let mut kinds = Vec::new();
-        for (i, kind) in r.kinds.iter().enumerate() {
-            match InteractionKind::try_from(*kind) {
-                Ok(InteractionKind::Unspecified) | Err(_) => v.add(format!("kinds[{i}]"), "type d'interaction inconnu"),
-                Ok(kind) => kinds.push(kind as i16),
-            }
-        }
-        let mut time = |name: &str, t: &Option<prost_types::Timestamp>| match t {
-            None => None,
-            Some(t) => from_timestamp(name, t).map_err(|e| absorb(&mut v, e)).ok(),
-        };
-        let start = time("start_time", &r.start_time);
-        let end = time("end_time", &r.end_time);
-        if let (Some(start), Some(end)) = (start, end)
-            && end <= start
-        {
-            v.add("end_time", "la fin doit être postérieure au début");
-        }
-        let author = socle_api::parse_optional_id("author_id", &r.author_id).map_err(|e| absorb(&mut v, e));
-        let tags = validate::normalize_tags(&r.tags)
-            .map_err(|(i, reason)| v.add(format!("tags[{i}]"), validate::describe(reason)));
-        let query = r.query.trim().to_owned();
-        v.check(query.chars().count() <= 200, "query", "au plus 200 caractères");
-        v.into_result()?;
-        let (Ok(organization), Ok(contact), Ok(author), Ok(tags)) = (organization, contact, author, tags) else {
-            return Err(Error::internal("violations were reported"));
-        };
-        kinds.sort_unstable();
-        kinds.dedup();
-        let tsquery = prefix_tsquery(&sql_fold(&query));
-        let with_contacts = r.include_contact_interactions;
-        let fingerprint = format!(
-            "{entity}|{}|{order_by}|{organization:?}|{with_contacts}|{contact:?}|{kinds:?}|{start:?}|{end:?}|\
-             {author:?}|{tags:?}|{tsquery}",
-            r.include_descendants
-        );
+        let f = filters(&r)?;
+        let fingerprint = format!("{entity}|{}|{order_by}|{f:?}", r.include_descendants);
         let after = PageToken::<(String, Uuid)>::decode(&r.page_token, &fingerprint)?.map(|t| t.after);
         let after = match after {
             None => None,
@@ -678,17 +717,7 @@ impl Crm {
             .db
             .transaction(&scope, move |conn| {
                 Box::pin(async move {
-                    diesel::sql_query(sql)
-                        .bind::<Array<SqlUuid>, _>(entities)
-                        .bind::<Nullable<SqlUuid>, _>(organization)
-                        .bind::<Bool, _>(with_contacts)
-                        .bind::<Nullable<SqlUuid>, _>(contact)
-                        .bind::<Array<SmallInt>, _>(kinds)
-                        .bind::<Nullable<Timestamptz>, _>(start)
-                        .bind::<Nullable<Timestamptz>, _>(end)
-                        .bind::<Text, _>(author.map(|a| a.to_string()).unwrap_or_default())
-                        .bind::<Array<Text>, _>(tags)
-                        .bind::<Text, _>(tsquery)
+                    bind_filters(diesel::sql_query(sql).into_boxed(), entities, &f)
                         .bind::<Nullable<Timestamptz>, _>(after.map(|a| a.0))
                         .bind::<Nullable<SqlUuid>, _>(after.map(|a| a.1))
                         .load(conn)
@@ -842,6 +871,14 @@ impl InteractionService for Crm {
         reply(result.map(|()| DeleteInteractionResponse {}), request_id)
     }
 
-    // ImportInteractions and ExportInteractions: not built yet (the
-    // generated defaults answer UNIMPLEMENTED).
+    async fn export_interactions(
+        &self,
+        request: Request<ExportInteractionsRequest>,
+    ) -> Result<Response<crate::exports::Pieces<ExportInteractionsResponse>>, Status> {
+        let (request_id, caller) = (rid(&request), Caller::of(&request));
+        reply(Crm::export_interactions(self, &caller, request.into_inner()).await, request_id)
+    }
+
+    // ImportInteractions: not built yet (the generated default answers
+    // UNIMPLEMENTED).
 }

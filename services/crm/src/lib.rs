@@ -13,10 +13,10 @@
 //! tags in use ([`tags`]); merges and their undoing ([`merges`]), batch
 //! duplicate scans ([`duplicates`]); CSV imports with per-row reports
 //! ([`imports`]) of organisations and contacts and streamed CSV / JSON
-//! Lines exports ([`exports`]) of organisations, contacts and memberships;
-//! GDPR access and erasure ([`gdpr`]). Not built: the import of
-//! memberships, the import and export of interactions, which answer
-//! `UNIMPLEMENTED` (the generated defaults).
+//! Lines exports ([`exports`]) of organisations, contacts, memberships and
+//! interactions; GDPR access and erasure ([`gdpr`]). Not built: the
+//! imports of memberships and interactions, which answer `UNIMPLEMENTED`
+//! (the generated defaults).
 
 pub mod affiliations;
 pub mod ancestry;

@@ -7,7 +7,8 @@ use chrono::{Datelike, NaiveDate, Utc};
 use reqwest::Method;
 use serde_json::{Value, json};
 use socle_proto::socle::crm::v1::{
-    ExportFormat, ExportMembershipsRequest, MembershipStatus, membership_service_client::MembershipServiceClient,
+    ExportFormat, ExportInteractionsRequest, ExportMembershipsRequest, InteractionKind, MembershipStatus,
+    interaction_service_client::InteractionServiceClient, membership_service_client::MembershipServiceClient,
 };
 use socle_testkit::secure::authed;
 use support::{Branches, data_rows, read_export, siret, windows_1252};
@@ -103,6 +104,21 @@ fn dec31(year_offset: i32) -> String {
     NaiveDate::from_ymd_opt(today().year() + year_offset, 12, 31).unwrap().to_string()
 }
 
+/// Exports of `what` stay within the caller's scope: Lille's holds its one
+/// record (`lille_text`) and none of Lyon's (`lyon_text`), Lille cannot
+/// export Lyon, the national administrator exports the whole tree (Lyon's
+/// three records and Lille's).
+async fn assert_exports_in_scope(w: &Branches, what: &str, lille_text: &str, lyon_text: &str) {
+    let lille_csv = w.export_text(&w.lille_staff, what, &w.lille, json!({})).await;
+    assert_eq!(text_rows(&lille_csv).len(), 1, "{lille_csv}");
+    assert!(lille_csv.contains(lille_text) && !lille_csv.contains(lyon_text), "{lille_csv}");
+    let (status, _, _, _) = w.export(&w.lille_staff, what, &w.lyon, json!({ "entityId": w.lyon })).await;
+    assert_eq!(status, 403);
+    let tree = json!({ "entityId": w.p.root, "includeDescendants": true });
+    let all = w.export_text(&w.p.admin_token, what, &w.p.root, tree).await;
+    assert_eq!(text_rows(&all).len(), 4, "{all}");
+}
+
 /// Lyon's organisations and memberships of the export tests, and one of
 /// Lille's.
 struct Memberships {
@@ -154,7 +170,7 @@ async fn memberships(w: &Branches, t: &Types) -> Memberships {
 #[tokio::test(flavor = "multi_thread")]
 async fn membership_exports_stay_in_scope_apply_the_list_filters_in_csv_and_json_lines() {
     let (w, t) = world().await;
-    let (lyon, lille) = (w.lyon.clone(), w.lille.clone());
+    let lyon = w.lyon.clone();
     let m = memberships(&w, &t).await;
 
     // CSV by default: `;`, UTF-8 with a byte order mark, a file name, every
@@ -187,23 +203,7 @@ async fn membership_exports_stay_in_scope_apply_the_list_filters_in_csv_and_json
     );
     assert!(paid.contains(&prefix), "{paid}\n{prefix}");
 
-    // Only within the caller's scope: Lille's export has none of Lyon's
-    // rows, Lille cannot export Lyon, the national administrator exports
-    // the whole tree.
-    let lille_csv = w.export_text(&w.lille_staff, "memberships", &lille, json!({})).await;
-    assert_eq!(text_rows(&lille_csv).len(), 1, "{lille_csv}");
-    assert!(lille_csv.contains("Brasserie du Nord") && !lille_csv.contains("Émile"), "{lille_csv}");
-    let (status, _, _, _) = w.export(&w.lille_staff, "memberships", &lyon, json!({ "entityId": lyon })).await;
-    assert_eq!(status, 403);
-    let all = w
-        .export_text(
-            &w.p.admin_token,
-            "memberships",
-            &w.p.root,
-            json!({ "entityId": w.p.root, "includeDescendants": true }),
-        )
-        .await;
-    assert_eq!(text_rows(&all).len(), 4, "{all}");
+    assert_exports_in_scope(&w, "memberships", "Brasserie du Nord", "Émile").await;
 
     // The list's filters; columns chosen by name or French label.
     let columns = json!([
@@ -304,4 +304,174 @@ async fn membership_exports_stay_in_scope_apply_the_list_filters_in_csv_and_json
     let statuses: Vec<Value> =
         text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["status"].clone()).collect();
     assert_eq!(statuses, [json!("MEMBERSHIP_STATUS_ACTIVE"), json!("MEMBERSHIP_STATUS_ACTIVE")]);
+}
+
+/// Lyon's organisations, contacts and interactions of the export tests,
+/// and one of Lille's.
+struct Timeline {
+    emile: String,
+    emile_siret: String,
+    camille: String,
+    paul: String,
+    participant: String,
+}
+
+impl Branches {
+    async fn create_contact(&self, entity: &str, given: &str, family: &str, email: &str) -> String {
+        let emails = if email.is_empty() { json!([]) } else { json!([{ "address": email, "primary": true }]) };
+        let contact = json!({ "givenName": given, "familyName": family, "emails": emails });
+        let created = self.create(&self.lyon_staff, "/api/v1/contacts", "contact", entity, contact).await;
+        created["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn create_interaction(&self, token: &str, entity: &str, interaction: Value) -> Value {
+        self.create(token, "/api/v1/interactions", "interaction", entity, interaction).await
+    }
+}
+
+async fn timeline(w: &Branches) -> Timeline {
+    let (lyon, lille) = (w.lyon.clone(), w.lille.clone());
+    let emile_siret = siret(11_111_111);
+    let emile =
+        w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Boulangerie Émile", "siret": emile_siret })).await;
+    let atelier = w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Atelier Numérique" })).await;
+    let camille = w.create_contact(&lyon, "Camille", "Durand", "camille@exemple.fr").await;
+    let paul = w.create_contact(&lyon, "Paul", "Martin", "paul@exemple.fr").await;
+    let zoe = w.create_contact(&lyon, "Zoé", "Sans-Courriel", "").await;
+    let participant = Uuid::new_v4().to_string();
+    for interaction in [
+        json!({ "kind": "INTERACTION_KIND_CALL", "subject": "Relance cotisation", "occurTime": "2025-03-14T09:30:00Z",
+                "duration": "900s", "direction": "INTERACTION_DIRECTION_OUTBOUND", "organizationId": emile,
+                "contactIds": [camille], "tags": ["cotisation"] }),
+        json!({ "kind": "INTERACTION_KIND_MEETING", "subject": "Visite atelier", "occurTime": "2025-04-02T13:00:00Z",
+                "duration": "5400s", "location": "Lyon 7e", "organizationId": atelier, "contactIds": [paul, camille],
+                "participantUserIds": [participant] }),
+        json!({ "kind": "INTERACTION_KIND_NOTE", "subject": "Note interne", "occurTime": "2025-05-01T08:00:00Z",
+                "body": "Coût : 15 € ; à revoir\nen mai", "contactIds": [paul, zoe], "tags": ["interne"] }),
+    ] {
+        w.create_interaction(&w.lyon_staff, &lyon, interaction).await;
+    }
+    let nord = w.create_org(&w.lille_staff, &lille, json!({ "legalName": "Brasserie du Nord" })).await;
+    w.create_interaction(
+        &w.lille_staff,
+        &lille,
+        json!({ "kind": "INTERACTION_KIND_NOTE", "subject": "Premier contact", "occurTime": "2025-03-01T10:00:00Z",
+                "organizationId": nord }),
+    )
+    .await;
+    Timeline { emile, emile_siret, camille, paul, participant }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interaction_exports_stay_in_scope_apply_the_list_filters_in_csv_and_json_lines() {
+    let w = Branches::start().await;
+    let lyon = w.lyon.clone();
+    let t = timeline(&w).await;
+
+    // CSV by default, every column: the organisation's SIRET and the
+    // contacts' e-mail addresses next to their ids.
+    let (content_type, disposition, bytes) =
+        w.download(&w.lyon_staff, "interactions", &lyon, json!({ "entityId": lyon })).await;
+    assert_eq!(content_type, "text/csv; charset=utf-8");
+    assert!(disposition.starts_with("attachment; filename=\"interactions-"), "{disposition}");
+    let csv = String::from_utf8(bytes).unwrap();
+    assert!(
+        csv.starts_with(
+            "\u{feff}id;kind;occur_time;subject;body;duration;direction;organization_id;organization_siret;\
+             organization_external_ref;organization_legal_name;contact_ids;contact_emails;event_name;location;\
+             participant_user_ids;tags;author_id;create_time;update_time\r\n"
+        ),
+        "{csv}"
+    );
+    let rows = text_rows(&csv);
+    assert_eq!(rows.len(), 3, "{csv}");
+    let call = format!(
+        "|call|2025-03-14T09:30:00.000000Z|Relance cotisation||0:15:00|outbound|{}|{}||Boulangerie Émile|{}|\
+         camille@exemple.fr||||cotisation|",
+        t.emile, t.emile_siret, t.camille
+    );
+    assert!(rows[0].contains(&call), "{}\n{call}", rows[0]);
+    assert!(rows[1].contains("|meeting|2025-04-02T13:00:00.000000Z|Visite atelier||1:30:00||"), "{}", rows[1]);
+    assert!(
+        rows[1].contains(&format!(
+            "|{}, {}|paul@exemple.fr, camille@exemple.fr||Lyon 7e|{}||",
+            t.paul, t.camille, t.participant
+        )),
+        "{}",
+        rows[1]
+    );
+
+    assert_exports_in_scope(&w, "interactions", "Premier contact", "Relance").await;
+
+    // The list's filters; columns chosen by name or French label.
+    let by_contact = w
+        .export_text(
+            &w.lyon_staff,
+            "interactions",
+            &lyon,
+            json!({ "contactId": t.camille, "columns": ["subject", "Durée", "E-mails des contacts"] }),
+        )
+        .await;
+    assert_eq!(
+        by_contact,
+        "\u{feff}subject;Durée;E-mails des contacts\r\nRelance cotisation;0:15:00;camille@exemple.fr\r\n\
+         Visite atelier;1:30:00;paul@exemple.fr, camille@exemple.fr\r\n"
+    );
+    for (filter, expected) in [
+        (json!({ "organizationId": t.emile }), vec!["Relance cotisation"]),
+        (
+            json!({ "kinds": ["INTERACTION_KIND_MEETING", "INTERACTION_KIND_NOTE"] }),
+            vec!["Visite atelier", "Note interne"],
+        ),
+        (json!({ "startTime": "2025-04-01T00:00:00Z" }), vec!["Visite atelier", "Note interne"]),
+        (json!({ "endTime": "2025-04-01T00:00:00Z" }), vec!["Relance cotisation"]),
+        (json!({ "tags": ["Interne"] }), vec!["Note interne"]),
+    ] {
+        let mut body = filter.clone();
+        body["columns"] = json!(["subject"]);
+        let csv = w.export_text(&w.lyon_staff, "interactions", &lyon, body).await;
+        assert_eq!(text_rows(&csv), expected, "{filter}");
+    }
+    for bad in [
+        json!({ "columns": ["couleur"] }),
+        json!({ "kinds": ["INTERACTION_KIND_UNSPECIFIED"] }),
+        json!({ "startTime": "2025-04-01T00:00:00Z", "endTime": "2025-03-01T00:00:00Z" }),
+        json!({ "contactId": "pas-un-id" }),
+    ] {
+        let (status, _, _, problem) = w.export(&w.lyon_staff, "interactions", &lyon, bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {}", String::from_utf8_lossy(&problem));
+    }
+
+    // ISO-8859-1 on request: what it cannot hold becomes `?`; a cell holding
+    // the delimiter or a line end is quoted.
+    let options =
+        json!({ "encoding": "TEXT_ENCODING_ISO_8859_1", "tags": ["interne"], "columns": ["subject", "body"] });
+    let (content_type, _, latin) = w.download(&w.lyon_staff, "interactions", &lyon, options).await;
+    assert_eq!(content_type, "text/csv; charset=iso-8859-1");
+    assert_eq!(latin, b"subject;body\r\nNote interne;\"Co\xfbt : 15 ? ; \xe0 revoir\nen mai\"\r\n");
+
+    // JSON Lines: every field, the author set by the server.
+    let options = json!({ "format": "EXPORT_FORMAT_JSON_LINES" });
+    let (content_type, _, jsonl) = w.download(&w.lyon_staff, "interactions", &lyon, options).await;
+    assert_eq!(content_type, "application/jsonl");
+    let lines: Vec<Value> =
+        String::from_utf8(jsonl).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["duration"], "900s", "{lines:?}");
+    assert_eq!(lines[1]["contactIds"], json!([t.paul, t.camille]));
+    assert!(lines.iter().all(|l| l["author"]["kind"] == "ACTOR_KIND_USER" && l.get("eventName").is_some()));
+    assert!(rows[0].contains(&format!("|{}|", lines[0]["author"]["id"].as_str().unwrap())), "the author's id");
+
+    // Native gRPC through the edge, with a filter.
+    let mut client = InteractionServiceClient::connect(w.p.edge.url()).await.unwrap();
+    let request = ExportInteractionsRequest {
+        kinds: vec![InteractionKind::Call as i32],
+        columns: vec!["kind".into(), "direction".into()],
+        ..Default::default()
+    };
+    let stream = client.export_interactions(authed(request, &w.lyon_staff, &lyon)).await.unwrap().into_inner();
+    let (content_type, filename, count, text) = read_export(stream).await;
+    assert_eq!((content_type.as_str(), count), ("text/csv; charset=utf-8", 1));
+    assert!(filename.starts_with("interactions-") && filename.ends_with(".csv"), "{filename}");
+    assert_eq!(text, "\u{feff}kind;direction\r\ncall;outbound\r\n");
 }
