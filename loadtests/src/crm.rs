@@ -47,6 +47,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Throughput and latencies of `CLIENTS` loops calling `call` for `RUN`.
+/// Failed calls are counted and reported (with the first failure), not
+/// timed: the rate counts successes only.
 async fn measure<F, Fut>(name: &str, call: F) -> anyhow::Result<f64>
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
@@ -62,20 +64,28 @@ where
     for worker in 0..CLIENTS {
         let call = call.clone();
         tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
+            let (mut latencies, mut failures, mut first_failure) = (Vec::new(), 0usize, None);
             let mut i = worker;
             while started.elapsed() < RUN {
                 let t = Instant::now();
-                call(i).await?;
-                latencies.push(t.elapsed());
+                match call(i).await {
+                    Ok(()) => latencies.push(t.elapsed()),
+                    Err(error) => {
+                        failures += 1;
+                        first_failure.get_or_insert(error.to_string());
+                    }
+                }
                 i += CLIENTS;
             }
-            Ok::<_, anyhow::Error>(latencies)
+            (latencies, failures, first_failure)
         }));
     }
-    let mut all = Vec::new();
+    let (mut all, mut failures, mut first_failure) = (Vec::new(), 0, None);
     for task in tasks {
-        all.extend(task.await??);
+        let (latencies, failed, first) = task.await?;
+        all.extend(latencies);
+        failures += failed;
+        first_failure = first_failure.or(first);
     }
     let rate = all.len() as f64 / started.elapsed().as_secs_f64();
     all.sort();
@@ -85,7 +95,18 @@ where
         percentile(&all, 0.95).as_secs_f64() * 1e3,
         percentile(&all, 0.99).as_secs_f64() * 1e3,
     );
+    if let Some(first) = first_failure {
+        println!("  {:<34} {failures} failed calls, the first: {first}", "");
+    }
     Ok(rate)
+}
+
+/// Reads a response whole; an error, with the body, unless it succeeded.
+async fn ok(response: reqwest::Response, what: &str) -> anyhow::Result<()> {
+    let status = response.status();
+    let body = response.bytes().await?;
+    anyhow::ensure!(status.is_success(), "{what}: HTTP {status}: {}", String::from_utf8_lossy(&body));
+    Ok(())
 }
 
 /// Loads the dataset with set-based SQL as the database owner.
@@ -99,7 +120,7 @@ async fn load(owner_url: &str, branches: &[String]) -> anyhow::Result<()> {
         "
         INSERT INTO organizations (id, entity_id, legal_name, trade_name, siren, siret, naf_code, headcount_band,
                                    addresses, email, phone, tags, postal_code, city, department_code)
-        SELECT md5('org' || g)::uuid, ({entities})[1 + g % 3],
+        SELECT md5('org' || g)::uuid, ({entities})[1 + (g / 30) % 3],
                (ARRAY['Boulangerie','Garage','Transports','Atelier','Cabinet','Imprimerie','Menuiserie','Café',
                       'Hôtel','Pharmacie','Électricité','Plomberie','Boucherie','Charcuterie','Fromagerie',
                       'Restaurant','Brasserie','Coiffure','Fleuriste','Librairie','Maçonnerie','Charpente',
@@ -114,16 +135,16 @@ async fn load(owner_url: &str, branches: &[String]) -> anyhow::Result<()> {
                       '43.21A','43.22A'])[1 + g % 12],
                1 + g % 15,
                jsonb_build_array(jsonb_build_object('kind', 1, 'primary', true, 'street_line', g || ' rue de la République',
-                   'postal_code', (ARRAY['6900','5900','3300'])[1 + g % 3] || (1 + g % 9), 'city',
-                   (ARRAY['Lyon','Lille','Bordeaux'])[1 + g % 3], 'country_code', 'FR')),
+                   'postal_code', (ARRAY['6900','5900','3300'])[1 + (g / 30) % 3] || (1 + g % 9), 'city',
+                   (ARRAY['Lyon','Lille','Bordeaux'])[1 + (g / 30) % 3], 'country_code', 'FR')),
                'contact' || g || '@entreprise.fr', '+3347' || lpad(g::text, 7, '0'),
                ARRAY[(ARRAY['artisanat','industrie','commerce','services'])[1 + g % 4]],
-               (ARRAY['6900','5900','3300'])[1 + g % 3] || (1 + g % 9), (ARRAY['Lyon','Lille','Bordeaux'])[1 + g % 3],
-               (ARRAY['69','59','33'])[1 + g % 3]
+               (ARRAY['6900','5900','3300'])[1 + (g / 30) % 3] || (1 + g % 9),
+               (ARRAY['Lyon','Lille','Bordeaux'])[1 + (g / 30) % 3], (ARRAY['69','59','33'])[1 + (g / 30) % 3]
           FROM generate_series(0, {orgs} - 1) AS g;
         INSERT INTO contacts (id, entity_id, civility, given_name, family_name, job_title, emails, email_keys,
                               phones, phone_keys)
-        SELECT md5('contact' || g)::uuid, ({entities})[1 + (g % {orgs}) % 3], 1 + g % 2,
+        SELECT md5('contact' || g)::uuid, ({entities})[1 + ((g % {orgs}) / 30) % 3], 1 + g % 2,
                (ARRAY['Camille','Dominique','Claude','Stéphane','Marie','Jean','Anne','Pierre','Sophie','Luc',
                       'Nathalie','Philippe','Isabelle','Laurent','Sylvie','Nicolas','Catherine','Éric','Valérie',
                       'Olivier','Sandrine','Christophe','Céline','Julien','Émilie','Thomas','Julie','Mathieu',
@@ -137,7 +158,7 @@ async fn load(owner_url: &str, branches: &[String]) -> anyhow::Result<()> {
                ARRAY['+336' || lpad(g::text, 8, '0')]
           FROM generate_series(0, {contacts} - 1) AS g;
         INSERT INTO affiliations (id, entity_id, contact_id, organization_id, roles, job_title)
-        SELECT md5('aff' || g)::uuid, ({entities})[1 + (g % {orgs}) % 3], md5('contact' || g)::uuid,
+        SELECT md5('aff' || g)::uuid, ({entities})[1 + ((g % {orgs}) / 30) % 3], md5('contact' || g)::uuid,
                md5('org' || (g % {orgs}))::uuid, ARRAY[5]::smallint[], ''
           FROM generate_series(0, {contacts} - 1) AS g;
         ANALYZE organizations; ANALYZE contacts; ANALYZE affiliations;",
@@ -188,10 +209,6 @@ pub async fn crm() -> anyhow::Result<()> {
 
     let http = reqwest::Client::builder().pool_max_idle_per_host(CLIENTS).build()?;
     let edge = p.edge.url();
-    let check = |status: reqwest::StatusCode, what: &str| {
-        anyhow::ensure!(status.is_success(), "{what}: HTTP {status}");
-        Ok(())
-    };
     // Sanity: the page is full, and only Lyon's.
     let page: serde_json::Value = http
         .get(format!("{edge}/api/v1/organizations?pageSize=50"))
@@ -204,6 +221,21 @@ pub async fn crm() -> anyhow::Result<()> {
     let orgs = page["organizations"].as_array().map(Vec::len).unwrap_or(0);
     anyhow::ensure!(orgs == 50, "expected a full page: {page}");
     anyhow::ensure!(page["organizations"].as_array().into_iter().flatten().all(|o| o["entityId"] == lyon.as_str()));
+    // And every query finds something.
+    let queries =
+        ["boulangerie martin", "garage dubois", "transport", "imprimerie leroy 12", "cafe simon", "pharmacie"];
+    for query in queries {
+        let found: serde_json::Value = http
+            .post(format!("{edge}/api/v1/crm:search"))
+            .bearer_auth(&token)
+            .header("x-socle-entity", &lyon)
+            .json(&json!({ "query": query, "pageSize": 20 }))
+            .send()
+            .await?
+            .json()
+            .await?;
+        anyhow::ensure!(found["hits"].as_array().is_some_and(|h| !h.is_empty()), "no hit for {query}: {found}");
+    }
 
     let list = {
         let (http, edge, token, lyon) = (http.clone(), edge.clone(), token.clone(), lyon.clone());
@@ -212,18 +244,11 @@ pub async fn crm() -> anyhow::Result<()> {
                 .request(Method::GET, format!("{edge}/api/v1/organizations?pageSize=50"))
                 .bearer_auth(&token)
                 .header("x-socle-entity", &lyon);
-            async move {
-                let response = request.send().await?;
-                check(response.status(), "list")?;
-                response.bytes().await?;
-                Ok(())
-            }
+            async move { ok(request.send().await?, "list").await }
         }
     };
     let rest_list = measure("REST list (edge, page of 50)", list).await?;
 
-    let queries =
-        ["boulangerie martin", "garage dubois", "transport", "imprimerie leroy 12", "cafe simon", "pharmacie"];
     let search = {
         let (http, edge, token, lyon) = (http.clone(), edge.clone(), token.clone(), lyon.clone());
         move |i: usize| {
@@ -232,12 +257,7 @@ pub async fn crm() -> anyhow::Result<()> {
                 .bearer_auth(&token)
                 .header("x-socle-entity", &lyon)
                 .json(&json!({ "query": queries[i % queries.len()], "pageSize": 20 }));
-            async move {
-                let response = request.send().await?;
-                check(response.status(), "search")?;
-                response.bytes().await?;
-                Ok(())
-            }
+            async move { ok(request.send().await?, "search").await }
         }
     };
     measure("REST search (edge, 20 hits)", search).await?;
