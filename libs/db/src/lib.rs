@@ -312,6 +312,17 @@ impl Database {
     pub async fn connect(url: &SecretString, max_connections: u32, acquire_timeout: Duration) -> Result<Self, DbError> {
         use socle_config::ExposeSecret;
         let mut config = diesel_async::pooled_connection::ManagerConfig::<AsyncPgConnection>::default();
+        // No `SELECT 1` at checkout (diesel-async's default): it would be
+        // one more round trip per transaction, a fifth of a short read's.
+        // A connection whose socket is known closed (the server ended it)
+        // is dropped at checkout at no cost; one that died unnoticed fails
+        // its BEGIN, which `transaction` retries once on a new connection.
+        config.recycling_method = diesel_async::pooled_connection::RecyclingMethod::CustomFunction(Box::new(|conn| {
+            Box::pin(async move {
+                use diesel_async::pooled_connection::PoolableConnection;
+                if conn.is_broken() { Err(DieselError::BrokenTransactionManager) } else { Ok(()) }
+            })
+        }));
         config.custom_setup = Box::new(|url| {
             Box::pin(async move {
                 let mut conn = AsyncPgConnection::establish(url).await?;
@@ -358,9 +369,30 @@ impl Database {
         F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<R, E>> + Send,
         E: From<DbError>,
     {
-        let mut conn = self.pool.get().await.map_err(|e| E::from(DbError::Pool(e.to_string())))?;
-        let conn: &mut AsyncPgConnection = &mut conn;
-        AnsiTransactionManager::begin_transaction(conn).await.map_err(|e| E::from(e.into()))?;
+        let mut pooled = self.pool.get().await.map_err(|e| E::from(DbError::Pool(e.to_string())))?;
+        if let Err(error) = AnsiTransactionManager::begin_transaction(&mut *pooled).await {
+            // Nothing was done: a connection that turns out closed (the
+            // server restarted or ended it) is discarded and replaced once.
+            let closed = match &error {
+                DieselError::DatabaseError(
+                    DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                    _,
+                ) => true,
+                // The server's last words (SQLSTATE 57P01, 57P02).
+                DieselError::DatabaseError(_, info) => info.message().starts_with("terminating connection"),
+                _ => false,
+            };
+            if !closed {
+                return Err(E::from(error.into()));
+            }
+            tracing::debug!(%error, "a pooled connection was closed; retrying on a new one");
+            // Marked broken, so that the pool drops it rather than keep it.
+            AnsiTransactionManager::transaction_manager_status_mut(&mut *pooled).set_in_error();
+            drop(pooled);
+            pooled = self.pool.get().await.map_err(|e| E::from(DbError::Pool(e.to_string())))?;
+            AnsiTransactionManager::begin_transaction(&mut *pooled).await.map_err(|e| E::from(e.into()))?;
+        }
+        let conn: &mut AsyncPgConnection = &mut pooled;
         if let Err(e) = set_scope(conn, scope).await {
             let _ = AnsiTransactionManager::rollback_transaction(conn).await;
             return Err(E::from(e.into()));
