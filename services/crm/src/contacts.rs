@@ -1117,7 +1117,7 @@ impl ContactService for Crm {
         request: Request<tonic::Streaming<ImportContactsRequest>>,
     ) -> Result<Response<ImportContactsResponse>, Status> {
         let (request_id, caller) = (rid(&request), Caller::of(&request));
-        let result = Crm::import(self, &caller, crate::imports::Kind::Contacts, request.into_inner()).await;
+        let result = Crm::import(self, &caller, crate::imports::Kind::Contacts, None, request.into_inner()).await;
         reply(result.map(|job| ImportContactsResponse { import_job: Some(job) }), request_id)
     }
 

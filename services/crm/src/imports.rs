@@ -1,5 +1,6 @@
-//! CSV imports of organisations and contacts (`ImportOrganizations`,
-//! `ImportContacts`) and their reports (`socle.crm.v1.ImportJobService`).
+//! CSV imports of organisations, contacts and memberships
+//! (`ImportOrganizations`, `ImportContacts`, `ImportMemberships`) and their
+//! reports (`socle.crm.v1.ImportJobService`).
 //!
 //! An import is uploaded as a stream: the first message carries the options
 //! and maybe the first chunk (at most 1 MiB per message, 50 MiB and 200,000
@@ -12,17 +13,20 @@
 //!    first row made only of known column names is then the header being
 //!    overridden, otherwise it is data). Names are those of the export
 //!    ([`crate::exports::ORGANIZATION_COLUMNS`],
-//!    [`crate::exports::CONTACT_COLUMNS`]), their French labels, or a few
+//!    [`crate::exports::CONTACT_COLUMNS`],
+//!    [`crate::exports::MEMBERSHIP_COLUMNS`]), their French labels, or a few
 //!    common aliases, compared without case, accents or punctuation. An
 //!    empty name skips a column; output-only columns (`id`,
 //!    `membership_status`, times…) are ignored, so that an export
 //!    re-imports as is. An unknown column, a repeated column, a missing
-//!    required column (`legal_name`, `family_name`), an unreadable encoding
-//!    or too many rows fail the job with a file-level `error`.
-//! 3. Each row becomes an `Organization` or a `Contact` and is validated and
-//!    normalised exactly like a create (`organizations::validate`,
-//!    `contacts::validate`); violations are reported by column, named as in
-//!    the file's header.
+//!    required column (`legal_name`, `family_name`; for memberships an
+//!    organisation column, a type column and `start_date`), an unreadable
+//!    encoding or too many rows fail the job with a file-level `error`.
+//! 3. Each row becomes an `Organization`, a `Contact` or a `Membership` and
+//!    is validated and normalised exactly like a create
+//!    (`organizations::validate`, `contacts::validate`,
+//!    `memberships::validate_new`); violations are reported by column,
+//!    named as in the file's header.
 //! 4. Rows are identified within their import key by the SHA-256 of their
 //!    non-empty mapped cells: a row already written (created or updated) by
 //!    a run with the same key is reported `UNCHANGED` and not written again
@@ -49,12 +53,28 @@
 //! `organization_external_ref` (`system=value`), with
 //! `affiliation_roles` and `affiliation_job_title`: the affiliation is
 //! created with the contact (or added to an updated contact that has no
-//! current link with it), audited like a create.
+//! current link with it), audited like a create. A reference matching
+//! several organisations names the one still active among them (a SIRET
+//! shared with those merged into it), else it is ambiguous.
 //!
-//! Lookups are batched: the already loaded rows and the organisations
-//! contacts name in one statement per 5,000 rows; duplicate hints in one
-//! statement per 500 rows (`have_hints`); row reports written 1,000 at a
-//! time. A row gets the full per-row duplicate check (`find_duplicates`,
+//! Membership rows name their organisation like contact rows, or by
+//! `organization_siren` when one active organisation of the entity has it
+//! (two establishments of a company are ambiguous), and their type by
+//! `membership_type_id`, else `membership_type_code` (the entity's own type
+//! with that code, else the one its nearest ancestor offers). Cells: dates
+//! `YYYY-MM-DD` or `DD/MM/YYYY`; amounts in euros with `,` or `.` for
+//! decimals (`1 250,50 €`); payment statuses by name (`paid`) or in French
+//! (`payée`, `exonérée`…). Empty cells take the create's defaults (end and
+//! dues from the type); a `paid` row without `amount_paid` received its dues
+//! in full. Rows are written oldest period first, whatever the file's
+//! order, through the create path (`memberships::create`: overlap refused,
+//! renewals linked, the organisation's series refreshed, audited); its
+//! refusals are the row's violations (an overlap on `start_date`).
+//!
+//! Lookups are batched: the already loaded rows and the organisations rows
+//! name in one statement per 5,000 rows, the membership types named by code
+//! in one statement; duplicate hints in one statement per 500 rows
+//! (`have_hints`); row reports written 1,000 at a time. A row gets the full per-row duplicate check (`find_duplicates`,
 //! which reports the candidates) only when it has hints, or shares an
 //! identifier or a postal code with a row written since its batch was
 //! looked up, so that rows of one file are checked against each other
@@ -77,15 +97,18 @@ use socle_db::{DbError, EntityScope};
 use socle_errors::{Code, Error};
 use socle_proto::socle::{
     crm::v1::{import_job_service_server::ImportJobService, *},
-    r#type::v1::{ActorRef, PostalAddress},
+    r#type::v1::{ActorRef, Money, PostalAddress},
 };
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
+    ancestry::{Ancestry, set_ancestors},
     common::{Audited, Caller, Count, Crm, TODAY_SQL, audit, etag, reply, rid, timestamp},
     contacts::{self, ContactInput},
-    exports::{self, CONTACT_COLUMNS, Column, ORGANIZATION_COLUMNS},
+    exports::{self, CONTACT_COLUMNS, Column, MEMBERSHIP_COLUMNS, ORGANIZATION_COLUMNS},
+    membership_types::{self, TypeRow},
+    memberships,
     organizations::{self, OrganizationInput, scope_ids},
     validate,
 };
@@ -115,13 +138,20 @@ pub enum Kind {
     Organizations,
     /// Contacts.
     Contacts,
+    /// Memberships.
+    Memberships,
 }
+
+/// The columns that name an organisation, in the order they are read.
+const ORGANIZATION_REFS: &[&str] =
+    &["organization_id", "organization_siret", "organization_siren", "organization_external_ref"];
 
 impl Kind {
     fn record_kind(self) -> RecordKind {
         match self {
             Kind::Organizations => RecordKind::Organization,
             Kind::Contacts => RecordKind::Contact,
+            Kind::Memberships => RecordKind::Membership,
         }
     }
 
@@ -129,13 +159,16 @@ impl Kind {
         match self {
             Kind::Organizations => ORGANIZATION_COLUMNS,
             Kind::Contacts => CONTACT_COLUMNS,
+            Kind::Memberships => MEMBERSHIP_COLUMNS,
         }
     }
 
-    fn required(self) -> &'static str {
+    /// The columns a file must have: one of each group.
+    fn required(self) -> &'static [&'static [&'static str]] {
         match self {
-            Kind::Organizations => "legal_name",
-            Kind::Contacts => "family_name",
+            Kind::Organizations => &[&["legal_name"]],
+            Kind::Contacts => &[&["family_name"]],
+            Kind::Memberships => &[ORGANIZATION_REFS, &["membership_type_code", "membership_type_id"], &["start_date"]],
         }
     }
 
@@ -143,6 +176,7 @@ impl Kind {
         match self {
             Kind::Organizations => format!("crm.organizations.{action}"),
             Kind::Contacts => format!("crm.contacts.{action}"),
+            Kind::Memberships => format!("crm.memberships.{action}"),
         }
     }
 }
@@ -169,15 +203,17 @@ pub trait UploadMessage: Send + 'static {
     fn into_chunk(self) -> Vec<u8>;
 }
 
+/// `$policy`: the message's duplicate policy (kinds without one: 0).
 macro_rules! upload_message {
-    ($t:ty) => {
+    ($t:ty, $policy:expr) => {
         impl UploadMessage for $t {
             fn options(&self) -> RawOptions {
+                let policy: fn(&$t) -> i32 = $policy;
                 RawOptions {
                     entity_id: self.entity_id.clone(),
                     import_key: self.import_key.clone(),
                     mode: self.mode,
-                    duplicate_policy: self.duplicate_policy,
+                    duplicate_policy: policy(self),
                     dry_run: self.dry_run,
                     encoding: self.encoding,
                     delimiter: self.delimiter.clone(),
@@ -191,8 +227,9 @@ macro_rules! upload_message {
         }
     };
 }
-upload_message!(ImportOrganizationsRequest);
-upload_message!(ImportContactsRequest);
+upload_message!(ImportOrganizationsRequest, |m| m.duplicate_policy);
+upload_message!(ImportContactsRequest, |m| m.duplicate_policy);
+upload_message!(ImportMembershipsRequest, |_| 0);
 
 /// Validated options.
 #[derive(Debug, Clone)]
@@ -359,11 +396,13 @@ fn problem(column: &'static str, reason: &str, description: impl Into<String>) -
     Problem { column, reason: reason.to_owned(), description: description.into() }
 }
 
-/// An organisation a contact row names.
+/// An organisation a row names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum OrgRef {
     Id(Uuid),
     Siret(String),
+    /// Only when one active organisation of the entity has it.
+    Siren(String),
     External(String),
 }
 
@@ -372,9 +411,37 @@ impl OrgRef {
         match self {
             OrgRef::Id(_) => "organization_id",
             OrgRef::Siret(_) => "organization_siret",
+            OrgRef::Siren(_) => "organization_siren",
             OrgRef::External(_) => "organization_external_ref",
         }
     }
+}
+
+/// The membership type a row names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TypeRef {
+    Id(Uuid),
+    /// Upper-cased, as codes are stored.
+    Code(String),
+}
+
+impl TypeRef {
+    fn column(&self) -> &'static str {
+        match self {
+            TypeRef::Id(_) => "membership_type_id",
+            TypeRef::Code(_) => "membership_type_code",
+        }
+    }
+}
+
+/// A membership row: the record as given (its organisation and type left
+/// to resolve) and how it names them.
+struct MembershipDraft {
+    membership: Membership,
+    organization: OrgRef,
+    membership_type: TypeRef,
+    /// `PAID` without an amount received: the dues were received.
+    paid_in_full: bool,
 }
 
 /// The affiliation a contact row asks for.
@@ -390,6 +457,18 @@ enum Prepared {
     Invalid,
     Organization(Box<(Organization, OrganizationInput)>),
     Contact(Box<(Contact, ContactInput, Option<Link>)>),
+    Membership(Box<MembershipDraft>),
+}
+
+impl Prepared {
+    /// The organisation the row names, if any.
+    fn organization(&self) -> Option<&OrgRef> {
+        match self {
+            Prepared::Contact(c) => c.2.as_ref().map(|l| &l.organization),
+            Prepared::Membership(m) => Some(&m.organization),
+            _ => None,
+        }
+    }
 }
 
 /// A data row.
@@ -484,12 +563,20 @@ fn parse(kind: Kind, options: &Options, bytes: &[u8]) -> Result<Parsed, String> 
     if !repeated.is_empty() {
         return Err(format!("colonne(s) en double : {}", repeated.join(", ")));
     }
-    let required = catalogue.iter().position(|c| c.name == kind.required()).expect("a required column");
-    if !mapping.contains(&Some(required)) {
-        return Err(format!(
-            "colonne obligatoire absente : {} ({})",
-            catalogue[required].name, catalogue[required].label
-        ));
+    for group in kind.required() {
+        let present =
+            |name: &&str| catalogue.iter().position(|c| c.name == *name).is_some_and(|i| mapping.contains(&Some(i)));
+        if !group.iter().any(present) {
+            let named: Vec<String> = group
+                .iter()
+                .filter_map(|name| catalogue.iter().find(|c| c.name == *name))
+                .map(|c| format!("{} ({})", c.name, c.label))
+                .collect();
+            return Err(match named.as_slice() {
+                [one] => format!("colonne obligatoire absente : {one}"),
+                _ => format!("colonne obligatoire absente, l'une de : {}", named.join(", ")),
+            });
+        }
     }
 
     let mut rows = Vec::new();
@@ -539,6 +626,7 @@ fn parse(kind: Kind, options: &Options, bytes: &[u8]) -> Result<Parsed, String> 
         let prepared = match kind {
             Kind::Organizations => prepare_organization(&view, options.entity, &mut problems),
             Kind::Contacts => prepare_contact(&view, options.entity, &mut problems),
+            Kind::Memberships => prepare_membership(&view, options.entity, &mut problems),
         };
         let prepared = if problems.is_empty() { prepared } else { Prepared::Invalid };
         rows.push(Row { number, hash, cells, problems, prepared });
@@ -691,6 +779,194 @@ fn refs(cell: &str) -> Option<HashMap<String, String>> {
 
 const REFS_FORMAT: &str = "références externes attendues sous la forme systeme=valeur, séparées par des virgules";
 
+/// The organisation a row names by `organization_id`, else
+/// `organization_siret`, else `organization_siren`, else
+/// `organization_external_ref` (`system=value`); `None` when none is given
+/// or the one given is malformed (a problem then).
+fn org_ref(c: &Cells, problems: &mut Vec<Problem>) -> Option<OrgRef> {
+    let column = *ORGANIZATION_REFS.iter().find(|n| c.has(n))?;
+    let cell = c.get(column);
+    let invalid = |reason: &'static str, description: &str| (reason, description.to_owned());
+    let parsed = match column {
+        "organization_id" => Uuid::parse_str(cell)
+            .map(OrgRef::Id)
+            .map_err(|_| invalid("invalid_id", "identifiant (UUID) d'organisation attendu")),
+        "organization_siret" => validate::normalize_siret(cell)
+            .map(OrgRef::Siret)
+            .map_err(|r| invalid("invalid_siret", validate::describe(r))),
+        "organization_siren" => validate::normalize_siren(cell)
+            .map(OrgRef::Siren)
+            .map_err(|r| invalid("invalid_siren", validate::describe(r))),
+        _ => refs(cell)
+            .filter(|m| m.len() == 1)
+            .and_then(|m| m.into_iter().next())
+            .map(|(k, v)| OrgRef::External(format!("{k}={v}")))
+            .ok_or_else(|| {
+                invalid("invalid_external_ref", "une référence externe attendue sous la forme systeme=valeur")
+            }),
+    };
+    parsed.map_err(|(reason, description)| problems.push(problem(column, reason, description))).ok()
+}
+
+/// A date cell: `YYYY-MM-DD` as is, `DD/MM/YYYY` (French spreadsheets)
+/// rewritten; anything else is left for validation to refuse.
+fn date_cell(text: &str) -> String {
+    let parts: Vec<&str> = text.split('/').collect();
+    match parts.as_slice() {
+        [d, m, y] if d.len() <= 2 && m.len() <= 2 && y.len() == 4 => {
+            match (d.parse::<u32>(), m.parse::<u32>(), y.parse::<i32>()) {
+                (Ok(d), Ok(m), Ok(y)) => format!("{y:04}-{m:02}-{d:02}"),
+                _ => text.to_owned(),
+            }
+        }
+        _ => text.to_owned(),
+    }
+}
+
+/// Cents from an amount in euros as spreadsheets write it: `150`, `150,5`,
+/// `1 250,50 €`, `1250.50`, `EUR 30` (a negative amount is returned for
+/// validation to refuse); `None` when unreadable.
+fn amount_cents(text: &str) -> Option<i64> {
+    let compact: String = text.chars().filter(|c| !c.is_whitespace() && *c != '€').collect();
+    let upper = compact.to_ascii_uppercase();
+    let bare = upper.strip_suffix("EUR").or_else(|| upper.strip_prefix("EUR")).unwrap_or(&upper);
+    let (negative, bare) = match bare.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, bare),
+    };
+    let (units, decimals) = match bare.rsplit_once([',', '.']) {
+        Some((units, decimals)) if decimals.len() <= 2 => (units, decimals),
+        Some(_) => return None,
+        None => (bare, ""),
+    };
+    let digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
+    if units.is_empty() && decimals.is_empty() || !digits(units) || !digits(decimals) || units.len() > 12 {
+        return None;
+    }
+    let units: i64 = if units.is_empty() { 0 } else { units.parse().ok()? };
+    let cents: i64 = format!("{decimals:0<2}").parse().ok()?;
+    let total = units * 100 + cents;
+    Some(if negative { -total } else { total })
+}
+
+fn payment_status(text: &str) -> Option<i32> {
+    enum_value(
+        text,
+        "PAYMENT_STATUS_",
+        |v| PaymentStatus::try_from(v).ok().map(|e| e.as_str_name()),
+        &[
+            ("impayée", 1),
+            ("impayé", 1),
+            ("non payée", 1),
+            ("partiellement payée", 2),
+            ("partiel", 2),
+            ("payée", 3),
+            ("payé", 3),
+            ("réglée", 3),
+            ("réglé", 3),
+            ("exonérée", 4),
+            ("exonéré", 4),
+            ("remboursée", 5),
+            ("remboursé", 5),
+        ],
+    )
+}
+
+/// The column of a membership's field path; its organisation and type
+/// are on the columns that named them.
+fn membership_column(path: &str, organization: &'static str, membership_type: &'static str) -> &'static str {
+    match path.split(['[', '.']).next().unwrap_or("") {
+        "organization_id" => organization,
+        "membership_type_id" => membership_type,
+        other => MEMBERSHIP_COLUMNS.iter().find(|c| c.name == other).map_or("", |c| c.name),
+    }
+}
+
+fn prepare_membership(c: &Cells, entity: Uuid, problems: &mut Vec<Problem>) -> Prepared {
+    let organization = org_ref(c, problems);
+    if !ORGANIZATION_REFS.iter().any(|n| c.has(n)) {
+        problems.push(problem(
+            "organization_id",
+            "required",
+            "organisation obligatoire : renseignez organization_id, organization_siret, organization_siren ou \
+             organization_external_ref",
+        ));
+    }
+    let membership_type = if c.has("membership_type_id") {
+        match Uuid::parse_str(c.get("membership_type_id")) {
+            Ok(id) => Some(TypeRef::Id(id)),
+            Err(_) => {
+                problems.push(problem(
+                    "membership_type_id",
+                    "invalid_id",
+                    "identifiant (UUID) de type d'adhésion attendu",
+                ));
+                None
+            }
+        }
+    } else if c.has("membership_type_code") {
+        Some(TypeRef::Code(c.get("membership_type_code").to_ascii_uppercase()))
+    } else {
+        problems.push(problem(
+            "membership_type_code",
+            "required",
+            "type d'adhésion obligatoire : renseignez membership_type_code ou membership_type_id",
+        ));
+        None
+    };
+    // The references are resolved when the row is written: placeholders
+    // meanwhile, so that validation reports the other fields.
+    let mut m = Membership {
+        entity_id: entity.to_string(),
+        organization_id: Uuid::nil().to_string(),
+        membership_type_id: Uuid::nil().to_string(),
+        start_date: date_cell(c.get("start_date")),
+        end_date: date_cell(c.get("end_date")),
+        payment_date: date_cell(c.get("payment_date")),
+        payment_reference: c.get("payment_reference").to_owned(),
+        notes: c.get("notes").to_owned(),
+        ..Membership::default()
+    };
+    for (name, into) in [("dues_amount", &mut m.dues_amount), ("amount_paid", &mut m.amount_paid)] {
+        if c.has(name) {
+            match amount_cents(c.get(name)) {
+                Some(cents) => *into = Some(Money { amount_cents: cents, currency_code: String::new() }),
+                None => problems.push(problem(
+                    name,
+                    "invalid_amount",
+                    "montant en euros attendu, par exemple 150, 150,50 ou 1 250,00 €",
+                )),
+            }
+        }
+    }
+    if c.has("payment_status") {
+        match payment_status(c.get("payment_status")) {
+            Some(status) => m.payment_status = status,
+            None => problems.push(problem(
+                "payment_status",
+                "invalid_payment_status",
+                "statut de paiement inconnu : unpaid, partially_paid, paid, waived ou refunded",
+            )),
+        }
+    }
+    let paid_in_full = m.payment_status == PaymentStatus::Paid as i32 && !c.has("amount_paid");
+    match (memberships::validate_new(&m), organization, membership_type) {
+        (Ok(_), Some(organization), Some(membership_type)) => Prepared::Membership(Box::new(MembershipDraft {
+            membership: m,
+            organization,
+            membership_type,
+            paid_in_full,
+        })),
+        (Ok(_), _, _) => Prepared::Invalid,
+        (Err(error), _, _) => {
+            absorb_violations(problems, &error, "membership.", |path| {
+                membership_column(path, "organization_id", "membership_type_code")
+            });
+            Prepared::Invalid
+        }
+    }
+}
+
 fn prepare_organization(c: &Cells, entity: Uuid, problems: &mut Vec<Problem>) -> Prepared {
     let mut org = Organization {
         entity_id: entity.to_string(),
@@ -817,37 +1093,7 @@ fn prepare_contact(c: &Cells, entity: Uuid, problems: &mut Vec<Problem>) -> Prep
     }
 
     // The organisation, roles and job title of the affiliation.
-    let organization = if c.has("organization_id") {
-        match Uuid::parse_str(c.get("organization_id")) {
-            Ok(id) => Some(OrgRef::Id(id)),
-            Err(_) => {
-                problems.push(problem("organization_id", "invalid_id", "identifiant (UUID) d'organisation attendu"));
-                None
-            }
-        }
-    } else if c.has("organization_siret") {
-        match validate::normalize_siret(c.get("organization_siret")) {
-            Ok(siret) => Some(OrgRef::Siret(siret)),
-            Err(r) => {
-                problems.push(problem("organization_siret", "invalid_siret", validate::describe(r)));
-                None
-            }
-        }
-    } else if c.has("organization_external_ref") {
-        match refs(c.get("organization_external_ref")).filter(|m| m.len() == 1) {
-            Some(map) => map.into_iter().next().map(|(k, v)| OrgRef::External(format!("{k}={v}"))),
-            None => {
-                problems.push(problem(
-                    "organization_external_ref",
-                    "invalid_external_ref",
-                    "une référence externe attendue sous la forme systeme=valeur",
-                ));
-                None
-            }
-        }
-    } else {
-        None
-    };
+    let organization = org_ref(c, problems);
     let mut roles = Vec::new();
     for name in list(c.get("affiliation_roles")) {
         match role(&name) {
@@ -870,12 +1116,7 @@ fn prepare_contact(c: &Cells, entity: Uuid, problems: &mut Vec<Problem>) -> Prep
         });
     }
     let ask = !roles.is_empty() || !job_title.is_empty();
-    if ask
-        && organization.is_none()
-        && !c.has("organization_id")
-        && !c.has("organization_siret")
-        && !c.has("organization_external_ref")
-    {
+    if ask && organization.is_none() && !ORGANIZATION_REFS.iter().any(|n| c.has(n)) {
         problems.push(problem(
             if roles.is_empty() { "affiliation_job_title" } else { "affiliation_roles" },
             "organization_required",
@@ -1325,6 +1566,8 @@ struct Context {
     readable: EntityScope,
     write: EntityScope,
     headers: Vec<String>,
+    /// The entity's ancestors, whose offered membership types rows may use.
+    ancestors: Vec<Uuid>,
 }
 
 impl Context {
@@ -1391,21 +1634,17 @@ struct Named {
     id: Uuid,
     #[diesel(sql_type = Nullable<Text>)]
     siret: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    siren: Option<String>,
     #[diesel(sql_type = SmallInt)]
     state: i16,
     #[diesel(sql_type = Array<Text>)]
     refs: Vec<String>,
 }
 
-/// The organisations of the entity the contact rows name, in batches.
+/// The organisations of the entity the rows name, in batches.
 async fn named_organizations(conn: &mut AsyncPgConnection, entity: Uuid, rows: &[Row]) -> Result<Vec<Named>, Error> {
-    let mut refs: Vec<OrgRef> = rows
-        .iter()
-        .filter_map(|r| match &r.prepared {
-            Prepared::Contact(c) => c.2.as_ref().map(|l| l.organization.clone()),
-            _ => None,
-        })
-        .collect();
+    let mut refs: Vec<OrgRef> = rows.iter().filter_map(|r| r.prepared.organization().cloned()).collect();
     refs.sort_by_key(|r| format!("{r:?}"));
     refs.dedup();
     let mut found = Vec::new();
@@ -1416,18 +1655,21 @@ async fn named_organizations(conn: &mut AsyncPgConnection, entity: Uuid, rows: &
             batch.iter().filter_map(|r| if let OrgRef::Siret(s) = r { Some(s.as_str()) } else { None }).collect();
         let externals: Vec<&str> =
             batch.iter().filter_map(|r| if let OrgRef::External(e) = r { Some(e.as_str()) } else { None }).collect();
+        let sirens: Vec<&str> =
+            batch.iter().filter_map(|r| if let OrgRef::Siren(s) = r { Some(s.as_str()) } else { None }).collect();
         let rows: Vec<Named> = diesel::sql_query(
-            "SELECT o.id, o.siret, o.state,
+            "SELECT o.id, o.siret, o.siren, o.state,
                     ARRAY(SELECT e.key || '=' || e.value FROM jsonb_each_text(o.external_refs) e) AS refs
                FROM organizations o
               WHERE o.entity_id = $1
-                AND (o.id = ANY($2) OR o.siret = ANY($3)
+                AND (o.id = ANY($2) OR o.siret = ANY($3) OR o.siren = ANY($5)
                      OR EXISTS (SELECT 1 FROM jsonb_each_text(o.external_refs) e WHERE e.key || '=' || e.value = ANY($4)))",
         )
         .bind::<SqlUuid, _>(entity)
         .bind::<Array<SqlUuid>, _>(ids)
         .bind::<Array<Text>, _>(sirets)
         .bind::<Array<Text>, _>(externals)
+        .bind::<Array<Text>, _>(sirens)
         .load(conn)
         .await
         .map_err(DbError::from)?;
@@ -1436,25 +1678,77 @@ async fn named_organizations(conn: &mut AsyncPgConnection, entity: Uuid, rows: &
     Ok(found)
 }
 
-/// The organisation a link names, or the problem.
-fn resolve(link: &Link, named: &[Named]) -> Result<Uuid, Problem> {
+/// The organisation a row names, or the problem: the one organisation of
+/// the entity it designates, or the one active among several (a SIRET
+/// shared with the organisations merged into it).
+fn resolve(organization: &OrgRef, named: &[Named]) -> Result<Uuid, Problem> {
     let matches: Vec<&Named> = named
         .iter()
-        .filter(|n| match &link.organization {
+        .filter(|n| match organization {
             OrgRef::Id(id) => n.id == *id,
             OrgRef::Siret(s) => n.siret.as_deref() == Some(s.as_str()),
+            OrgRef::Siren(s) => n.siren.as_deref() == Some(s.as_str()),
             OrgRef::External(e) => n.refs.contains(e),
         })
         .collect();
-    let column = link.organization.column();
-    match matches.as_slice() {
-        [] => Err(problem(column, "unknown_organization", "ne désigne aucune organisation de l'entité")),
-        [one] if one.state != OrganizationState::Active as i16 => {
-            Err(problem(column, "merged_organization", "l'organisation a été fusionnée"))
-        }
-        [one] => Ok(one.id),
-        _ => Err(problem(column, "ambiguous_organization", "désigne plusieurs organisations de l'entité")),
+    let active: Vec<&&Named> = matches.iter().filter(|n| n.state == OrganizationState::Active as i16).collect();
+    let column = organization.column();
+    match (matches.as_slice(), active.as_slice()) {
+        ([], _) => Err(problem(column, "unknown_organization", "ne désigne aucune organisation de l'entité")),
+        (_, [one]) => Ok(one.id),
+        ([_], []) => Err(problem(column, "merged_organization", "l'organisation a été fusionnée")),
+        _ => Err(problem(
+            column,
+            "ambiguous_organization",
+            "désigne plusieurs organisations de l'entité : précisez le SIRET ou l'identifiant",
+        )),
     }
+}
+
+/// The membership types the rows name by code and the entity may use, in
+/// one statement.
+async fn named_types(conn: &mut AsyncPgConnection, ctx: &Context, rows: &[Row]) -> Result<Vec<TypeRow>, Error> {
+    let mut codes: Vec<String> = rows
+        .iter()
+        .filter_map(|r| match &r.prepared {
+            Prepared::Membership(m) => match &m.membership_type {
+                TypeRef::Code(code) => Some(code.clone()),
+                TypeRef::Id(_) => None,
+            },
+            _ => None,
+        })
+        .collect();
+    codes.sort();
+    codes.dedup();
+    if codes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let types = membership_types::load_by_codes(conn, &codes).await?;
+    Ok(types.into_iter().filter(|t| t.usable_by(ctx.entity, &ctx.ancestors)).collect())
+}
+
+/// The membership type a row names, or the problem: by id as given (the
+/// create path checks it), by code the entity's own type, else the one its
+/// nearest ancestor offers.
+fn resolve_type(membership_type: &TypeRef, ctx: &Context, types: &[TypeRow]) -> Result<Uuid, Problem> {
+    let code = match membership_type {
+        TypeRef::Id(id) => return Ok(*id),
+        TypeRef::Code(code) => code,
+    };
+    let nearness = |t: &TypeRow| {
+        if t.entity_id == ctx.entity {
+            usize::MAX
+        } else {
+            ctx.ancestors.iter().position(|a| *a == t.entity_id).unwrap_or(0)
+        }
+    };
+    types.iter().filter(|t| t.code == *code).max_by_key(|t| nearness(t)).map(|t| t.id).ok_or_else(|| {
+        problem(
+            membership_type.column(),
+            "unknown_membership_type",
+            "code de type d'adhésion inconnu, ou non proposé à cette entité",
+        )
+    })
 }
 
 /// The one candidate of the entity matching on an identifier, if exactly
@@ -1497,7 +1791,7 @@ fn duplicate_problems(
                 Some(DuplicateReason::SameSiret) => "siret",
                 Some(DuplicateReason::SameEmail) => "email",
                 Some(DuplicateReason::SamePhone) => "phone",
-                _ => kind.required(),
+                _ => kind.required()[0][0],
             };
             let who = if c.in_other_entity {
                 "une fiche d'une autre entité".to_owned()
@@ -1806,6 +2100,50 @@ async fn affiliate(
     audit(conn, "crm.affiliations.create", None, Some(&created.to_proto())).await
 }
 
+/// Creates or rejects one valid membership row through the create path
+/// (`memberships::create`, with its audit events); its refusals (a field,
+/// an overlapping period) become the row's problems.
+async fn write_membership(
+    conn: &mut AsyncPgConnection,
+    ctx: &Context,
+    draft: &MembershipDraft,
+    named: &[Named],
+    types: &[TypeRow],
+) -> Result<Written, Error> {
+    let references = resolve(&draft.organization, named)
+        .and_then(|organization| Ok((organization, resolve_type(&draft.membership_type, ctx, types)?)));
+    let (organization, membership_type) = match references {
+        Ok(found) => found,
+        Err(p) => return Ok(Written::Rejected(vec![p], Vec::new())),
+    };
+    let m = Membership {
+        organization_id: organization.to_string(),
+        membership_type_id: membership_type.to_string(),
+        ..draft.membership.clone()
+    };
+    let id = Uuid::now_v7();
+    let created = match memberships::validate_new(&m) {
+        Ok(new) => memberships::create(conn, id, ctx.entity, &ctx.ancestors, new, draft.paid_in_full).await,
+        Err(error) => Err(error),
+    };
+    let error = match created {
+        Ok(_) => return Ok(Written::Created(id)),
+        Err(error) => error,
+    };
+    let mut problems = Vec::new();
+    if error.code() == Code::InvalidArgument && !error.violations().is_empty() {
+        let (organization, membership_type) = (draft.organization.column(), draft.membership_type.column());
+        absorb_violations(&mut problems, &error, "membership.", |path| {
+            membership_column(path, organization, membership_type)
+        });
+    } else if error.reason() == Some("OVERLAPPING_MEMBERSHIP") {
+        problems.push(problem("start_date", "overlapping_membership", error.message()));
+    } else {
+        return Err(error);
+    }
+    Ok(Written::Rejected(problems, Vec::new()))
+}
+
 /// Writes the rows of a parsed file; returns their reports.
 async fn process(
     conn: &mut AsyncPgConnection,
@@ -1814,11 +2152,11 @@ async fn process(
     parsed: &Parsed,
 ) -> Result<Vec<Report>, Error> {
     let loaded = loaded(conn, ctx.kind, ctx.entity, &options.key, &parsed.rows).await?;
-    let named = if ctx.kind == Kind::Contacts {
-        named_organizations(conn, ctx.entity, &parsed.rows).await?
-    } else {
-        Vec::new()
+    let named = match ctx.kind {
+        Kind::Organizations => Vec::new(),
+        _ => named_organizations(conn, ctx.entity, &parsed.rows).await?,
     };
+    let types = named_types(conn, ctx, &parsed.rows).await?;
     // Rows of this file already written: hash → record.
     let mut written: HashMap<String, Option<Uuid>> = HashMap::new();
     let mut reports = Vec::with_capacity(parsed.rows.len());
@@ -1850,7 +2188,7 @@ async fn process(
             let keys = match &row.prepared {
                 Prepared::Organization(o) => o.1.duplicate_keys(),
                 Prepared::Contact(c) => c.1.duplicate_keys(),
-                Prepared::Invalid => Vec::new(),
+                Prepared::Membership(_) | Prepared::Invalid => Vec::new(),
             };
             let clear = !hinted && !keys.iter().any(|k| fresh_keys.contains(k));
             let cells = Cells { catalogue: ctx.kind.columns(), cells: &row.cells };
@@ -1859,11 +2197,12 @@ async fn process(
                 Prepared::Organization(o) => write_organization(conn, ctx, &o.0, &o.1, &cells, clear).await?,
                 Prepared::Contact(c) => {
                     let (contact, input, link) = c.as_ref();
-                    match link.as_ref().map(|l| resolve(l, &named).map(|id| (id, l))).transpose() {
+                    match link.as_ref().map(|l| resolve(&l.organization, &named).map(|id| (id, l))).transpose() {
                         Ok(organization) => write_contact(conn, ctx, contact, input, organization, clear).await?,
                         Err(p) => Written::Rejected(vec![p], Vec::new()),
                     }
                 }
+                Prepared::Membership(m) => write_membership(conn, ctx, m, &named, &types).await?,
             };
             match result {
                 Written::Created(id) => {
@@ -1890,6 +2229,15 @@ async fn process(
     Ok(reports)
 }
 
+/// The start date of a membership row, as written (`YYYY-MM-DD`, so in
+/// date order); empty for other rows.
+fn start_of(row: &Row) -> &str {
+    match &row.prepared {
+        Prepared::Membership(m) => &m.membership.start_date,
+        _ => "",
+    }
+}
+
 /// Whether each row of `chunk` has duplicate hints among the records
 /// already stored (false for rows that need no check), in one statement.
 async fn screen(
@@ -1904,6 +2252,9 @@ async fn screen(
     }
     let checked = |r: &Row| r.problems.is_empty() && !loaded.contains_key(&r.hash);
     match ctx.kind {
+        // Memberships have no duplicate hints: an overlapping period is
+        // refused by the create path.
+        Kind::Memberships => {}
         Kind::Organizations => {
             let (at, inputs): (Vec<usize>, Vec<&OrganizationInput>) = chunk
                 .iter()
@@ -1931,15 +2282,21 @@ async fn screen(
 }
 
 impl Crm {
-    /// Runs an import to its end and returns its job.
+    /// Runs an import to its end and returns its job. `ancestry`: where
+    /// membership imports find the entity's ancestors (the types they offer).
     pub async fn import<M: UploadMessage>(
         &self,
         caller: &Caller,
         kind: Kind,
+        ancestry: Option<&Ancestry>,
         stream: tonic::Streaming<M>,
     ) -> Result<ImportJob, Error> {
         let (options, bytes, sha256) = receive(caller, stream).await?;
         let entity = options.entity;
+        let ancestors = match ancestry {
+            Some(ancestry) if kind == Kind::Memberships => ancestry.of(entity).await?,
+            _ => Vec::new(),
+        };
         let acting = caller.with_acting(entity);
         let readable = self.scope(&acting, &kind.permission("read")).await?;
         if options.policy == DuplicatePolicy::UpdateExisting
@@ -1971,6 +2328,7 @@ impl Crm {
             readable,
             write: write.clone(),
             headers: parsed.as_ref().map(|p| p.headers.clone()).unwrap_or_default(),
+            ancestors,
         };
         let run = draft.clone();
         let result = self
@@ -1990,10 +2348,16 @@ impl Crm {
                     if let Some(first) = same_run(conn, &run).await? {
                         return Ok(first.to_proto());
                     }
-                    let parsed = match parsed {
+                    let mut parsed = match parsed {
                         Ok(parsed) => parsed,
                         Err(error) => return Ok(save(conn, &run, Vec::new(), &error, false).await?),
                     };
+                    if kind == Kind::Memberships {
+                        set_ancestors(conn, &ctx.ancestors).await?;
+                        // Oldest periods first, so that each links to the one
+                        // it renews whatever the file's order.
+                        parsed.rows.sort_by(|a, b| start_of(a).cmp(start_of(b)));
+                    }
                     let reports = process(conn, &ctx, &run.options, &parsed).await?;
                     let rejected = reports.iter().any(|r| r.outcome == ImportRowOutcome::Rejected);
                     if run.options.dry_run || (run.options.mode == ImportMode::AllOrNothing && rejected) {
@@ -2039,10 +2403,9 @@ impl Crm {
         let mut v = Violations::new();
         let kind = match RecordKind::try_from(r.record_kind) {
             Ok(RecordKind::Unspecified) => 0i16,
-            Ok(RecordKind::Organization) => 1,
-            Ok(RecordKind::Contact) => 2,
+            Ok(kind @ (RecordKind::Organization | RecordKind::Contact | RecordKind::Membership)) => kind as i16,
             _ => {
-                v.add("record_kind", "seuls ORGANIZATION et CONTACT s'importent");
+                v.add("record_kind", "seuls ORGANIZATION, CONTACT et MEMBERSHIP s'importent");
                 0
             }
         };
@@ -2318,6 +2681,60 @@ mod tests {
         let c = consent("newsletter:email:non").unwrap();
         assert_eq!((c.topic, c.channel, c.granted), (1, 1, false));
         assert!(consent("newsletter").is_none());
+    }
+
+    #[test]
+    fn membership_cells_parse_french_dates_amounts_and_statuses() {
+        assert_eq!(date_cell("01/02/2025"), "2025-02-01");
+        assert_eq!(date_cell("1/2/2025"), "2025-02-01");
+        assert_eq!(date_cell("2025-02-01"), "2025-02-01");
+        assert_eq!(date_cell("32/13/2025"), "2025-13-32", "left for validation to refuse");
+        assert_eq!(amount_cents("150"), Some(15_000));
+        assert_eq!(amount_cents("150,5"), Some(15_050));
+        assert_eq!(amount_cents("1 250,50 €"), Some(125_050));
+        assert_eq!(amount_cents("1\u{202f}250.05"), Some(125_005));
+        assert_eq!(amount_cents("EUR 30"), Some(3_000));
+        assert_eq!(amount_cents(",50"), Some(50));
+        assert_eq!(amount_cents("-5"), Some(-500));
+        for unreadable in ["douze", "1,250", "", "€", "1,2,3", "12345678901234"] {
+            assert_eq!(amount_cents(unreadable), None, "{unreadable}");
+        }
+        assert_eq!(payment_status("paid"), Some(PaymentStatus::Paid as i32));
+        assert_eq!(payment_status("PAYMENT_STATUS_WAIVED"), Some(PaymentStatus::Waived as i32));
+        assert_eq!(payment_status("Partiellement payée"), Some(PaymentStatus::PartiallyPaid as i32));
+        assert_eq!(payment_status("Exonéré"), Some(PaymentStatus::Waived as i32));
+        assert_eq!(payment_status("payée à moitié"), None);
+    }
+
+    #[test]
+    fn references_name_the_one_active_organisation() {
+        let named = |id: u128, siren: &str, state: OrganizationState| Named {
+            id: Uuid::from_u128(id),
+            siret: None,
+            siren: Some(siren.to_owned()),
+            state: state as i16,
+            refs: Vec::new(),
+        };
+        let siren = |s: &str| OrgRef::Siren(s.to_owned());
+        let all = [
+            named(1, "111", OrganizationState::Active),
+            named(2, "222", OrganizationState::Merged),
+            named(3, "222", OrganizationState::Active),
+            named(4, "333", OrganizationState::Active),
+            named(5, "333", OrganizationState::Active),
+            named(6, "444", OrganizationState::Merged),
+        ];
+        let reason = |r: Result<Uuid, Problem>| r.map_err(|p| p.reason);
+        assert_eq!(reason(resolve(&siren("111"), &all)), Ok(Uuid::from_u128(1)));
+        assert_eq!(reason(resolve(&siren("222"), &all)), Ok(Uuid::from_u128(3)));
+        assert_eq!(reason(resolve(&siren("333"), &all)), Err("ambiguous_organization".to_owned()));
+        assert_eq!(reason(resolve(&siren("444"), &all)), Err("merged_organization".to_owned()));
+        assert_eq!(reason(resolve(&siren("555"), &all)), Err("unknown_organization".to_owned()));
+        assert_eq!(
+            membership_column("organization_id", "organization_siren", "membership_type_code"),
+            "organization_siren"
+        );
+        assert_eq!(membership_column("dues_amount.amount_cents", "", ""), "dues_amount");
     }
 
     #[test]

@@ -12,11 +12,11 @@
 //! ([`interactions`]); accent-insensitive and fuzzy search ([`search`]) and
 //! tags in use ([`tags`]); merges and their undoing ([`merges`]), batch
 //! duplicate scans ([`duplicates`]); CSV imports with per-row reports
-//! ([`imports`]) of organisations and contacts and streamed CSV / JSON
-//! Lines exports ([`exports`]) of organisations, contacts, memberships and
-//! interactions; GDPR access and erasure ([`gdpr`]). Not built: the
-//! imports of memberships and interactions, which answer `UNIMPLEMENTED`
-//! (the generated defaults).
+//! ([`imports`]) of organisations, contacts and memberships and streamed
+//! CSV / JSON Lines exports ([`exports`]) of organisations, contacts,
+//! memberships and interactions; GDPR access and erasure ([`gdpr`]). Not
+//! built: the import of interactions, which answers `UNIMPLEMENTED` (the
+//! generated default).
 
 pub mod affiliations;
 pub mod ancestry;

@@ -60,7 +60,7 @@ pub(crate) struct TypeRow {
     #[diesel(sql_type = SqlUuid)]
     pub entity_id: Uuid,
     #[diesel(sql_type = Text)]
-    code: String,
+    pub code: String,
     #[diesel(sql_type = Text)]
     pub display_name: String,
     #[diesel(sql_type = Text)]
@@ -345,6 +345,16 @@ pub(crate) async fn load(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Optio
         .await
         .map_err(DbError::from)?;
     Ok(rows.into_iter().next())
+}
+
+/// The membership types with these codes visible in the transaction, in
+/// one statement (imports naming types by code).
+pub(crate) async fn load_by_codes(conn: &mut AsyncPgConnection, codes: &[String]) -> Result<Vec<TypeRow>, Error> {
+    Ok(diesel::sql_query(format!("SELECT {} FROM membership_types t WHERE t.code = ANY($1)", columns()))
+        .bind::<Array<Text>, _>(codes)
+        .load(conn)
+        .await
+        .map_err(DbError::from)?)
 }
 
 /// [`load`] with the row locked (only rows the scope may write can be).

@@ -550,6 +550,114 @@ async fn insert(conn: &mut AsyncPgConnection, p: &NewPeriod) -> Result<(), Error
     Ok(())
 }
 
+/// A membership to create, validated.
+#[derive(Debug, Clone)]
+pub(crate) struct NewMembership {
+    given: Given,
+    /// The payment status as given (unspecified: from the amounts).
+    status_given: i32,
+}
+
+/// Validates a membership to create (fields under `membership.`):
+/// `CreateMembership` and imports.
+pub(crate) fn validate_new(m: &Membership) -> Result<NewMembership, Error> {
+    let mut v = Violations::new();
+    let given = validate(&mut v, m, true)?;
+    if PaymentStatus::try_from(m.payment_status).is_err() {
+        v.add("membership.payment_status", "statut de paiement inconnu");
+    }
+    v.into_result()?;
+    Ok(NewMembership { given, status_given: m.payment_status })
+}
+
+/// Creates `new` as membership `id` of `entity` in the transaction, the
+/// types `ancestors` offer readable: the organisation locked, of the entity
+/// and not merged; the type usable; the period laid out from the type
+/// unless given; dues from the type and the headcount band unless given;
+/// the payment status checked against the amounts; no overlap; linked to
+/// the unlinked period it follows; the series refreshed; audited. Refusals
+/// are field violations or `FAILED_PRECONDITION`, before anything is
+/// written. `paid_in_full` (imports): a `PAID` status without an amount
+/// received means the dues were received.
+pub(crate) async fn create(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    entity: Uuid,
+    ancestors: &[Uuid],
+    new: NewMembership,
+    paid_in_full: bool,
+) -> Result<Membership, Error> {
+    let NewMembership { given, status_given } = new;
+    let (Some(organization), Some(type_id), Some(start)) = (given.organization, given.membership_type, given.start)
+    else {
+        return Err(Error::internal("violations were reported"));
+    };
+    let org = lock_organization(conn, organization).await?.filter(|o| o.entity_id == entity);
+    let Some(org) = org else {
+        return Err(Error::invalid_field("membership.organization_id", "organisation introuvable dans cette entité"));
+    };
+    if org.state != OrganizationState::Active as i16 {
+        return Err(Error::invalid_field(
+            "membership.organization_id",
+            "cette organisation a été fusionnée : choisissez l'organisation qui l'a absorbée",
+        ));
+    }
+    let t = usable_type(conn, type_id, entity, ancestors, "membership.membership_type_id", false).await?;
+    let end = given.end.unwrap_or_else(|| period_end(t.period_kind, start));
+    let dues = given.dues.unwrap_or_else(|| t.dues_for(org.headcount_band));
+    let paid = given.paid.unwrap_or(if paid_in_full && status_given == PaymentStatus::Paid as i32 { dues } else { 0 });
+    let mut v = Violations::new();
+    let status = payment_status(&mut v, "membership.payment_status", status_given, dues, paid);
+    v.into_result()?;
+    check_no_overlap(conn, organization, id, start, end).await?;
+    // A period starting the day after an unlinked period of the
+    // organisation ends is its renewal.
+    let previous: Vec<Id> = diesel::sql_query(
+        "SELECT p.id FROM memberships p
+          WHERE p.organization_id = $1 AND p.end_date = $2 AND p.cancel_date IS NULL
+            AND NOT EXISTS (SELECT 1 FROM memberships n WHERE n.previous_membership_id = p.id)
+          ORDER BY p.start_date DESC LIMIT 1",
+    )
+    .bind::<SqlUuid, _>(organization)
+    .bind::<Date, _>(start.pred_opt().unwrap_or(start))
+    .load(conn)
+    .await
+    .map_err(DbError::from)?;
+    let previous = previous.into_iter().next().map(|p| p.id);
+    let previous_before = match previous {
+        Some(p) => load(conn, p).await?,
+        None => None,
+    };
+    insert(
+        conn,
+        &NewPeriod {
+            id,
+            entity,
+            organization,
+            membership_type: t.id,
+            start,
+            end,
+            grace_end: plus_days(end, t.grace_period_days),
+            dues,
+            paid,
+            payment_status: status,
+            payment_date: given.payment_date,
+            payment_reference: given.payment_reference,
+            notes: given.notes,
+            previous,
+        },
+    )
+    .await?;
+    if let Some(before) = &previous_before {
+        touch(conn, before).await?;
+    }
+    refresh(conn, organization).await?;
+    let created = load(conn, id).await?.ok_or_else(|| Error::internal("created row not found"))?;
+    let created = created.to_proto();
+    audit(conn, "crm.memberships.create", None, Some(&created)).await?;
+    Ok(created)
+}
+
 /// The fields an update may name.
 const UPDATABLE: &[&str] = &[
     "membership_type_id",
@@ -746,15 +854,9 @@ impl Memberships {
         let key = parse_id("request_id", &r.request_id).map_err(|e| absorb(&mut v, e));
         let m = r.membership.unwrap_or_default();
         let entity = parse_id("membership.entity_id", &m.entity_id).map_err(|e| absorb(&mut v, e));
-        let given = validate(&mut v, &m, true)?;
-        let status_given = m.payment_status;
-        if PaymentStatus::try_from(status_given).is_err() {
-            v.add("membership.payment_status", "statut de paiement inconnu");
-        }
+        let new = validate_new(&m).map_err(|e| absorb(&mut v, e));
         v.into_result()?;
-        let (Ok(key), Ok(entity)) = (key, entity) else { return Err(Error::internal("violations were reported")) };
-        let (Some(organization), Some(type_id), Some(start)) = (given.organization, given.membership_type, given.start)
-        else {
+        let (Ok(key), Ok(entity), Ok(new)) = (key, entity, new) else {
             return Err(Error::internal("violations were reported"));
         };
         let ancestors = self.ancestry.of(entity).await?;
@@ -773,74 +875,7 @@ impl Memberships {
                         }
                         idempotency::Claim::New(id) => id,
                     };
-                    let org = lock_organization(conn, organization).await?.filter(|o| o.entity_id == entity);
-                    let Some(org) = org else {
-                        return Err(Error::invalid_field(
-                            "membership.organization_id",
-                            "organisation introuvable dans cette entité",
-                        ));
-                    };
-                    if org.state != OrganizationState::Active as i16 {
-                        return Err(Error::invalid_field(
-                            "membership.organization_id",
-                            "cette organisation a été fusionnée : choisissez l'organisation qui l'a absorbée",
-                        ));
-                    }
-                    let t =
-                        usable_type(conn, type_id, entity, &ancestors, "membership.membership_type_id", false).await?;
-                    let end = given.end.unwrap_or_else(|| period_end(t.period_kind, start));
-                    let dues = given.dues.unwrap_or_else(|| t.dues_for(org.headcount_band));
-                    let paid = given.paid.unwrap_or(0);
-                    let mut v = Violations::new();
-                    let status = payment_status(&mut v, "membership.payment_status", status_given, dues, paid);
-                    v.into_result()?;
-                    check_no_overlap(conn, organization, id, start, end).await?;
-                    // A period starting the day after an unlinked period of
-                    // the organisation ends is its renewal.
-                    let previous: Vec<Id> = diesel::sql_query(
-                        "SELECT p.id FROM memberships p
-                          WHERE p.organization_id = $1 AND p.end_date = $2 AND p.cancel_date IS NULL
-                            AND NOT EXISTS (SELECT 1 FROM memberships n WHERE n.previous_membership_id = p.id)
-                          ORDER BY p.start_date DESC LIMIT 1",
-                    )
-                    .bind::<SqlUuid, _>(organization)
-                    .bind::<Date, _>(start.pred_opt().unwrap_or(start))
-                    .load(conn)
-                    .await
-                    .map_err(DbError::from)?;
-                    let previous = previous.into_iter().next().map(|p| p.id);
-                    let previous_before = match previous {
-                        Some(p) => load(conn, p).await?,
-                        None => None,
-                    };
-                    insert(
-                        conn,
-                        &NewPeriod {
-                            id,
-                            entity,
-                            organization,
-                            membership_type: t.id,
-                            start,
-                            end,
-                            grace_end: plus_days(end, t.grace_period_days),
-                            dues,
-                            paid,
-                            payment_status: status,
-                            payment_date: given.payment_date,
-                            payment_reference: given.payment_reference,
-                            notes: given.notes,
-                            previous,
-                        },
-                    )
-                    .await?;
-                    if let Some(before) = &previous_before {
-                        touch(conn, before).await?;
-                    }
-                    refresh(conn, organization).await?;
-                    let created = load(conn, id).await?.ok_or_else(|| Error::internal("created row not found"))?;
-                    let created = created.to_proto();
-                    audit(conn, "crm.memberships.create", None, Some(&created)).await?;
-                    Ok(created)
+                    create(conn, id, entity, &ancestors, new, false).await
                 })
             })
             .await
@@ -1362,6 +1397,13 @@ impl MembershipService for Memberships {
         reply(Memberships::export_memberships(self, &caller, request.into_inner()).await, request_id)
     }
 
-    // ImportMemberships: not built yet (the generated default answers
-    // UNIMPLEMENTED).
+    async fn import_memberships(
+        &self,
+        request: Request<tonic::Streaming<ImportMembershipsRequest>>,
+    ) -> Result<Response<ImportMembershipsResponse>, Status> {
+        let (request_id, caller) = (rid(&request), Caller::of(&request));
+        let kind = crate::imports::Kind::Memberships;
+        let result = Crm::import(self, &caller, kind, Some(&self.ancestry), request.into_inner()).await;
+        reply(result.map(|job| ImportMembershipsResponse { import_job: Some(job) }), request_id)
+    }
 }

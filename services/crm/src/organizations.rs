@@ -1276,7 +1276,7 @@ impl OrganizationService for Crm {
         request: Request<tonic::Streaming<ImportOrganizationsRequest>>,
     ) -> Result<Response<ImportOrganizationsResponse>, Status> {
         let (request_id, caller) = (rid(&request), Caller::of(&request));
-        let result = Crm::import(self, &caller, crate::imports::Kind::Organizations, request.into_inner()).await;
+        let result = Crm::import(self, &caller, crate::imports::Kind::Organizations, None, request.into_inner()).await;
         reply(result.map(|job| ImportOrganizationsResponse { import_job: Some(job) }), request_id)
     }
 

@@ -6,12 +6,14 @@
 use chrono::{Datelike, NaiveDate, Utc};
 use reqwest::Method;
 use serde_json::{Value, json};
+use socle_crm::exports::MEMBERSHIP_COLUMNS;
 use socle_proto::socle::crm::v1::{
-    ExportFormat, ExportInteractionsRequest, ExportMembershipsRequest, InteractionKind, MembershipStatus,
-    interaction_service_client::InteractionServiceClient, membership_service_client::MembershipServiceClient,
+    ExportFormat, ExportInteractionsRequest, ExportMembershipsRequest, ImportJobState, ImportMembershipsRequest,
+    InteractionKind, MembershipStatus, interaction_service_client::InteractionServiceClient,
+    membership_service_client::MembershipServiceClient,
 };
 use socle_testkit::secure::authed;
-use support::{Branches, data_rows, read_export, siret, windows_1252};
+use support::{Branches, counts, data_rows, read_export, siret, siret_at, windows_1252};
 use uuid::Uuid;
 
 mod support;
@@ -474,4 +476,294 @@ async fn interaction_exports_stay_in_scope_apply_the_list_filters_in_csv_and_jso
     assert_eq!((content_type.as_str(), count), ("text/csv; charset=utf-8", 1));
     assert!(filename.starts_with("interactions-") && filename.ends_with(".csv"), "{filename}");
     assert_eq!(text, "\u{feff}kind;direction\r\ncall;outbound\r\n");
+}
+
+/// Lyon's memberships as its list returns them.
+async fn listed_memberships(w: &Branches, token: &str, entity: &str) -> Vec<Value> {
+    let (status, body) = w.call(token, Method::GET, "/api/v1/memberships?pageSize=500", entity, None).await;
+    assert_eq!(status, 200, "{body}");
+    body["memberships"].as_array().cloned().unwrap_or_default()
+}
+
+/// The reports of a job's rows, by row number.
+async fn reports(w: &Branches, entity: &str, job: &Value) -> std::collections::BTreeMap<i64, Value> {
+    let rows = w.rows(&w.lyon_staff, entity, job["id"].as_str().unwrap(), "pageSize=500").await;
+    rows.into_iter().map(|r| (r["rowNumber"].as_str().unwrap().parse().unwrap(), r)).collect()
+}
+
+/// The (column, reason) pairs of a row report's violations.
+fn violations(row: &Value) -> Vec<(String, String)> {
+    row["violations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| (v["field"].as_str().unwrap_or("").to_owned(), v["reason"].as_str().unwrap_or("").to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn membership_imports_resolve_references_report_by_column_and_write_all_or_nothing_or_best_effort() {
+    let (w, _) = world().await;
+    let (lyon, lille) = (w.lyon.clone(), w.lille.clone());
+    let year = today().year();
+    let (emile_siret, atelier_siret, nord_siret) = (siret(11_111_111), siret(22_222_222), siret(55_555_555));
+    let emile =
+        w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Boulangerie Émile", "siret": emile_siret })).await;
+    let atelier =
+        w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Atelier Numérique", "siret": atelier_siret })).await;
+    let transports_siren = siret(44_444_444)[..9].to_owned();
+    let transports =
+        w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Transports Rhône", "siren": transports_siren })).await;
+    // Two establishments of one company: its SIREN alone is ambiguous.
+    let garage_siren = siret(33_333_333)[..9].to_owned();
+    for (name, nic) in [("Garage Centre", 1), ("Garage Est", 2)] {
+        w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": name, "siret": siret_at(33_333_333, nic) })).await;
+    }
+    w.create_org(&w.lille_staff, &lille, json!({ "legalName": "Brasserie du Nord", "siret": nord_siret })).await;
+
+    // French labels, Windows-1252, French dates and amounts; this year's
+    // period before last year's, which it renews.
+    let header = "SIRET de l'organisation;SIREN de l'organisation;Code du type d'adhésion;Date de début;Date de fin;\
+                  Cotisation;Montant reçu;Statut de paiement;Date de paiement;Référence de paiement;Notes";
+    let good = [
+        format!("{emile_siret};;STD;{year}-01-01;;;;;;;"),
+        format!("{emile_siret};;std;01/01/{};;;;payée;15/02/{};CHQ-1;Historique", year - 1, year - 1),
+        format!(";{transports_siren};LYON;{year}-01-01;;150,50;50 €;;;;Relance : « urgent »"),
+    ];
+    let bad = [
+        format!("{nord_siret};;STD;{year}-01-01;;;;;;;"),
+        format!(";{garage_siren};STD;{year}-01-01;;;;;;;"),
+        format!("{atelier_siret};;STD;{year}-13-01;;douze euros;;payée à moitié;;;"),
+        format!("{atelier_siret};;INCONNU;{year}-01-01;;;;;;;"),
+        format!("{emile_siret};;STD;{year}-06-01;;;;;;;"),
+        format!("{atelier_siret};;STD;{year}-01-01;;;600;partially_paid;;;"),
+    ];
+    let file = |rows: &[String]| windows_1252(&format!("{header}\r\n{}\r\n", rows.join("\r\n")));
+    let first = file(&[good.to_vec(), bad.to_vec()].concat());
+    let key = Uuid::new_v4().to_string();
+    let options = |mode: &str, extra: &str| {
+        format!("importKey={key}&mode={mode}&encoding=TEXT_ENCODING_WINDOWS_1252&filename=cotisations.csv{extra}")
+    };
+    let import = |query: String, file: Vec<u8>| {
+        let (w, lyon) = (&w, lyon.clone());
+        async move {
+            let (status, body) = w.import(&w.lyon_staff, "memberships", &lyon, &query, file).await;
+            assert_eq!(status, 200, "{body}");
+            body["importJob"].clone()
+        }
+    };
+
+    // A dry run validates every row and writes nothing.
+    let dry = import(options("IMPORT_MODE_BEST_EFFORT", "&dryRun=true"), first.clone()).await;
+    assert_eq!(dry["state"], "IMPORT_JOB_STATE_VALIDATED", "{dry}");
+    assert_eq!(dry["recordKind"], "RECORD_KIND_MEMBERSHIP");
+    assert_eq!(counts(&dry), [9, 0, 0, 0, 6, 3], "{dry}");
+    assert!(listed_memberships(&w, &w.lyon_staff, &lyon).await.is_empty(), "a dry run writes nothing");
+
+    // Each refusal on its column, as the file names it, on its line.
+    let rows = reports(&w, &lyon, &dry).await;
+    let expect = |line: i64, wanted: &[(&str, &str)]| {
+        let found = violations(&rows[&line]);
+        for (column, reason) in wanted {
+            assert!(
+                found.iter().any(|(c, r)| c == column && r == reason),
+                "line {line}: no {column}/{reason} in {found:?}"
+            );
+        }
+    };
+    for line in 2..=4 {
+        assert_eq!(rows[&line]["outcome"], "IMPORT_ROW_OUTCOME_VALID", "{:?}", rows[&line]);
+    }
+    expect(5, &[("SIRET de l'organisation", "unknown_organization")]);
+    expect(6, &[("SIREN de l'organisation", "ambiguous_organization")]);
+    expect(
+        7,
+        &[
+            ("Date de début", "invalid_start_date"),
+            ("Cotisation", "invalid_amount"),
+            ("Statut de paiement", "invalid_payment_status"),
+        ],
+    );
+    expect(8, &[("Code du type d'adhésion", "unknown_membership_type")]);
+    expect(9, &[("Date de début", "overlapping_membership")]);
+    expect(10, &[("Statut de paiement", "invalid_payment_status")]);
+    assert!(rows[&9]["violations"][0]["description"].as_str().unwrap().contains("chevauche"), "{:?}", rows[&9]);
+
+    // All or nothing: one bad row, nothing written.
+    let failed = import(options("IMPORT_MODE_ALL_OR_NOTHING", ""), first.clone()).await;
+    assert_eq!(failed["state"], "IMPORT_JOB_STATE_FAILED", "{failed}");
+    assert_eq!(counts(&failed), [9, 0, 0, 0, 6, 3]);
+    assert!(listed_memberships(&w, &w.lyon_staff, &lyon).await.is_empty(), "all or nothing wrote something");
+
+    // Best effort: the good rows go through the create path.
+    let partial = import(options("IMPORT_MODE_BEST_EFFORT", ""), first.clone()).await;
+    assert_eq!(partial["state"], "IMPORT_JOB_STATE_PARTIALLY_SUCCEEDED", "{partial}");
+    assert_eq!(counts(&partial), [9, 3, 0, 0, 6, 0]);
+    assert_eq!(partial["filename"], "cotisations.csv");
+    let created = reports(&w, &lyon, &partial).await;
+    let id = |line: i64| created[&line]["recordId"].as_str().unwrap().to_owned();
+    let get = |id: String| {
+        let (w, lyon) = (&w, lyon.clone());
+        async move {
+            let (status, body) =
+                w.call(&w.lyon_staff, Method::GET, &format!("/api/v1/memberships/{id}"), &lyon, None).await;
+            assert_eq!(status, 200, "{body}");
+            body["membership"].clone()
+        }
+    };
+    let renewal = get(id(2)).await;
+    let history = get(id(3)).await;
+    assert_eq!(renewal["organizationId"], emile.as_str());
+    assert_eq!(renewal["previousMembershipId"], id(3), "linked to the period it renews, whatever the file's order");
+    assert_eq!(renewal["membershipTypeId"], history["membershipTypeId"]);
+    assert_eq!(
+        (history["startDate"].as_str(), history["endDate"].as_str()),
+        (Some(jan1(-1).as_str()), Some(dec31(-1).as_str()))
+    );
+    assert_eq!(history["duesAmount"]["amountCents"], "50000", "the national type's dues");
+    assert_eq!(history["amountPaid"]["amountCents"], "50000", "paid without an amount: paid in full");
+    assert_eq!(history["paymentStatus"], "PAYMENT_STATUS_PAID");
+    assert_eq!(history["paymentDate"], format!("{}-02-15", year - 1));
+    assert_eq!((history["paymentReference"].as_str(), history["notes"].as_str()), (Some("CHQ-1"), Some("Historique")));
+    let by_siren = get(id(4)).await;
+    assert_eq!(by_siren["organizationId"], transports.as_str());
+    assert_eq!(by_siren["membershipTypeDisplayName"], "Adhésion lyonnaise");
+    assert_eq!(
+        (by_siren["duesAmount"]["amountCents"].as_str(), by_siren["amountPaid"]["amountCents"].as_str()),
+        (Some("15050"), Some("5000"))
+    );
+    assert_eq!(by_siren["paymentStatus"], "PAYMENT_STATUS_PARTIALLY_PAID");
+    assert_eq!(by_siren["notes"], "Relance : « urgent »");
+
+    // The fixed file, same key: only the new row is written.
+    let fixed = file(&[good.to_vec(), vec![format!("{atelier_siret};;STD;{year}-01-01;;;;;;;")]].concat());
+    let second = import(options("IMPORT_MODE_BEST_EFFORT", ""), fixed.clone()).await;
+    assert_eq!(second["state"], "IMPORT_JOB_STATE_SUCCEEDED", "{second}");
+    assert_eq!(counts(&second), [4, 1, 0, 3, 0, 0]);
+    let again = reports(&w, &lyon, &second).await;
+    assert_eq!(
+        (2..=4).map(|l| again[&l]["recordId"].clone()).collect::<Vec<_>>(),
+        (2..=4).map(|l| json!(id(l))).collect::<Vec<_>>()
+    );
+    assert_eq!(again[&5]["outcome"], "IMPORT_ROW_OUTCOME_CREATED");
+    assert_eq!(listed_memberships(&w, &w.lyon_staff, &lyon).await.len(), 4);
+    let atelier_rows: Vec<Value> = listed_memberships(&w, &w.lyon_staff, &lyon)
+        .await
+        .into_iter()
+        .filter(|m| m["organizationId"] == atelier.as_str())
+        .collect();
+    assert_eq!(atelier_rows.len(), 1);
+    // The same file again: the first job, nothing written.
+    let third = import(options("IMPORT_MODE_BEST_EFFORT", ""), fixed.clone()).await;
+    assert_eq!(third["id"], second["id"]);
+    assert_eq!(listed_memberships(&w, &w.lyon_staff, &lyon).await.len(), 4);
+
+    // Jobs of memberships are listed by their kind.
+    let (_, jobs) =
+        w.call(&w.lyon_staff, Method::GET, "/api/v1/import-jobs?recordKind=RECORD_KIND_MEMBERSHIP", &lyon, None).await;
+    assert_eq!(jobs["importJobs"].as_array().map(Vec::len), Some(4), "{jobs}");
+    let (_, jobs) = w
+        .call(&w.lyon_staff, Method::GET, "/api/v1/import-jobs?recordKind=RECORD_KIND_ORGANIZATION", &lyon, None)
+        .await;
+    assert!(jobs["importJobs"].as_array().is_none_or(|j| j.is_empty()), "{jobs}");
+
+    // Scope: no import into another branch; a file-level error fails the job.
+    let (status, _) =
+        w.import(&w.lille_staff, "memberships", &lyon, &options("IMPORT_MODE_BEST_EFFORT", ""), fixed.clone()).await;
+    assert_eq!(status, 403);
+    let (status, _) = w.import(&w.lyon_staff, "memberships", &lille, "importKey=x", fixed.clone()).await;
+    assert_eq!(status, 403);
+    let missing = import(
+        "importKey=sans-date".into(),
+        format!("organization_siret;membership_type_code\n{emile_siret};STD\n").into_bytes(),
+    )
+    .await;
+    assert_eq!(missing["state"], "IMPORT_JOB_STATE_FAILED");
+    assert!(missing["error"].as_str().unwrap().contains("start_date"), "{missing}");
+
+    // Imported records and the job are audited like creates (and the
+    // period renewed, whose successor link changed, like an update).
+    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.memberships.create" && e["resourceId"] == id(4).as_str()).await;
+    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.memberships.update" && e["resourceId"] == id(3).as_str()).await;
+    let job = partial["id"].as_str().unwrap().to_owned();
+    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.import_jobs.create" && e["resourceId"] == job.as_str()).await;
+}
+
+/// Streams `file` to an import over native gRPC through the edge, the
+/// options in the first message, in chunks of 100 bytes.
+fn upload_messages<M: Default>(first: M, file: &[u8], chunk: impl Fn(M, Vec<u8>) -> M) -> Vec<M> {
+    let mut pieces = file.chunks(100);
+    let mut messages = vec![chunk(first, pieces.next().unwrap_or_default().to_vec())];
+    messages.extend(pieces.map(|c| chunk(M::default(), c.to_vec())));
+    messages
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn membership_exports_re_import_as_is_over_native_grpc_and_never_twice() {
+    let (w, t) = world().await;
+    let lyon = w.lyon.clone();
+    memberships(&w, &t).await;
+    // The columns imports read (external references are never exported),
+    // with the status and the link to the period renewed.
+    let read: Vec<&str> = MEMBERSHIP_COLUMNS
+        .iter()
+        .filter(|c| c.input && c.name != "organization_external_ref")
+        .map(|c| c.name)
+        .collect();
+    let input = json!([read, vec!["status", "previous_membership_id"]].concat());
+    let before = w.export_text(&w.lyon_staff, "memberships", &lyon, json!({ "columns": input })).await;
+    let exported = w.download(&w.lyon_staff, "memberships", &lyon, json!({})).await.2;
+
+    // Every period deleted (the renewal first), then the export imported
+    // back: the same periods, the renewal linked again.
+    let listed = listed_memberships(&w, &w.lyon_staff, &lyon).await;
+    assert_eq!(listed.len(), 3);
+    let mut ids: Vec<String> = listed.iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();
+    ids.sort();
+    for id in ids.iter().rev() {
+        let (status, body) =
+            w.call(&w.p.admin_token, Method::DELETE, &format!("/api/v1/memberships/{id}"), &lyon, None).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(listed_memberships(&w, &w.lyon_staff, &lyon).await.is_empty());
+    let client = MembershipServiceClient::connect(w.p.edge.url()).await.unwrap();
+    let first = ImportMembershipsRequest {
+        entity_id: lyon.clone(),
+        import_key: "copie".into(),
+        filename: "adhesions.csv".into(),
+        ..Default::default()
+    };
+    let messages = upload_messages(first, &exported, |m, chunk| ImportMembershipsRequest { chunk, ..m });
+    let upload = |messages: Vec<ImportMembershipsRequest>| {
+        let (mut client, request) = (client.clone(), authed(futures::stream::iter(messages), &w.lyon_staff, &lyon));
+        async move { client.import_memberships(request).await.unwrap().into_inner().import_job.unwrap() }
+    };
+    let job = upload(messages.clone()).await;
+    assert_eq!((job.state, job.counts.unwrap().created), (ImportJobState::Succeeded as i32, 3), "{job:?}");
+    let after = w.export_text(&w.lyon_staff, "memberships", &lyon, json!({ "columns": input })).await;
+    let rows = |csv: &str| {
+        let mut rows = text_rows(csv);
+        rows.sort();
+        // The previous period's id changed; that there is one did not.
+        rows.iter()
+            .map(|r| r.rsplit_once('|').map(|(head, previous)| format!("{head}|{}", !previous.is_empty())).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(rows(&after), rows(&before), "{after}\n{before}");
+    assert!(rows(&after).iter().any(|r| r.contains("|500,00|500,00|paid|") && r.contains("|CHQ-1|")), "{after}");
+    assert_eq!(rows(&after).iter().filter(|r| r.ends_with("|true")).count(), 1, "the renewal is linked again: {after}");
+
+    // Never twice: the same upload returns the first job; under another key
+    // every period is refused as overlapping the one already there.
+    assert_eq!(upload(messages).await.id, job.id);
+    let (status, other) =
+        w.import(&w.lyon_staff, "memberships", &lyon, "importKey=autre&mode=IMPORT_MODE_BEST_EFFORT", exported).await;
+    assert_eq!(status, 200, "{other}");
+    assert_eq!(counts(&other["importJob"]), [3, 0, 0, 0, 3, 0], "{other}");
+    let rows = reports(&w, &lyon, &other["importJob"]).await;
+    assert!(
+        rows.values().all(|r| violations(r).contains(&("start_date".to_owned(), "overlapping_membership".to_owned()))),
+        "{rows:?}"
+    );
+    assert_eq!(listed_memberships(&w, &w.lyon_staff, &lyon).await.len(), 3);
 }

@@ -83,11 +83,17 @@ pub fn fields(row: &Value) -> Vec<String> {
     row["violations"].as_array().into_iter().flatten().map(|v| v["field"].as_str().unwrap_or("").to_owned()).collect()
 }
 
-/// A valid SIRET with the given 8-digit prefix.
+/// A valid SIRET with the given 8-digit prefix (its head office, NIC 0001).
 pub fn siret(prefix8: u32) -> String {
+    siret_at(prefix8, 1)
+}
+
+/// A valid SIRET of establishment `nic` (4 digits before the key) of the
+/// company whose SIREN starts with `prefix8`.
+pub fn siret_at(prefix8: u32, nic: u32) -> String {
     let key = |digits: &str| (0..10).find(|k| luhn_valid(&format!("{digits}{k}"))).unwrap();
     let siren = format!("{prefix8:08}{}", key(&format!("{prefix8:08}")));
-    let body = format!("{siren}0001");
+    let body = format!("{siren}{nic:04}");
     format!("{body}{}", key(&body))
 }
 
