@@ -1,6 +1,7 @@
-//! CSV imports of organisations, contacts and memberships
-//! (`ImportOrganizations`, `ImportContacts`, `ImportMemberships`) and their
-//! reports (`socle.crm.v1.ImportJobService`).
+//! CSV imports of organisations, contacts, memberships and interactions
+//! (`ImportOrganizations`, `ImportContacts`, `ImportMemberships`,
+//! `ImportInteractions`) and their reports
+//! (`socle.crm.v1.ImportJobService`).
 //!
 //! An import is uploaded as a stream: the first message carries the options
 //! and maybe the first chunk (at most 1 MiB per message, 50 MiB and 200,000
@@ -14,19 +15,21 @@
 //!    overridden, otherwise it is data). Names are those of the export
 //!    ([`crate::exports::ORGANIZATION_COLUMNS`],
 //!    [`crate::exports::CONTACT_COLUMNS`],
-//!    [`crate::exports::MEMBERSHIP_COLUMNS`]), their French labels, or a few
+//!    [`crate::exports::MEMBERSHIP_COLUMNS`],
+//!    [`crate::exports::INTERACTION_COLUMNS`]), their French labels, or a few
 //!    common aliases, compared without case, accents or punctuation. An
 //!    empty name skips a column; output-only columns (`id`,
 //!    `membership_status`, times…) are ignored, so that an export
 //!    re-imports as is. An unknown column, a repeated column, a missing
 //!    required column (`legal_name`, `family_name`; for memberships an
-//!    organisation column, a type column and `start_date`), an unreadable
-//!    encoding or too many rows fail the job with a file-level `error`.
-//! 3. Each row becomes an `Organization`, a `Contact` or a `Membership` and
-//!    is validated and normalised exactly like a create
+//!    organisation column, a type column and `start_date`; for interactions
+//!    `kind`, `subject` and `occur_time`), an unreadable encoding or too
+//!    many rows fail the job with a file-level `error`.
+//! 3. Each row becomes an `Organization`, a `Contact`, a `Membership` or an
+//!    `Interaction` and is validated and normalised exactly like a create
 //!    (`organizations::validate`, `contacts::validate`,
-//!    `memberships::validate_new`); violations are reported by column,
-//!    named as in the file's header.
+//!    `memberships::validate_new`, `interactions::validate`); violations are
+//!    reported by column, named as in the file's header.
 //! 4. Rows are identified within their import key by the SHA-256 of their
 //!    non-empty mapped cells: a row already written (created or updated) by
 //!    a run with the same key is reported `UNCHANGED` and not written again
@@ -71,6 +74,16 @@
 //! renewals linked, the organisation's series refreshed, audited); its
 //! refusals are the row's violations (an overlap on `start_date`).
 //!
+//! Interaction rows name their organisation like contact rows, and their
+//! contacts by `contact_ids`, else `contact_emails` (each the one active
+//! contact of the entity with that address). Cells: `kind` and `direction`
+//! by name (`meeting`, `outbound`) or in French (`réunion`, `sortant`);
+//! `occur_time` in RFC 3339 (as exported) or as a date and time in
+//! Europe/Paris (`2025-03-14 10:30`, `14/03/2025 10:30`); `duration` as
+//! `H:MM:SS`, `H:MM` or minutes. They are written through the create path
+//! (`interactions::create`: references checked, audited), recorded by the
+//! importer.
+//!
 //! Lookups are batched: the already loaded rows and the organisations rows
 //! name in one statement per 5,000 rows, the membership types named by code
 //! in one statement; duplicate hints in one statement per 500 rows
@@ -85,7 +98,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use diesel::{
     QueryableByName,
     sql_types::{Array, BigInt, Bool, Jsonb, Nullable, SmallInt, Text, Timestamptz, Uuid as SqlUuid},
@@ -106,7 +119,8 @@ use crate::{
     ancestry::{Ancestry, set_ancestors},
     common::{Audited, Caller, Count, Crm, TODAY_SQL, audit, etag, reply, rid, timestamp},
     contacts::{self, ContactInput},
-    exports::{self, CONTACT_COLUMNS, Column, MEMBERSHIP_COLUMNS, ORGANIZATION_COLUMNS},
+    exports::{self, CONTACT_COLUMNS, Column, INTERACTION_COLUMNS, MEMBERSHIP_COLUMNS, ORGANIZATION_COLUMNS},
+    interactions,
     membership_types::{self, TypeRow},
     memberships,
     organizations::{self, OrganizationInput, scope_ids},
@@ -140,6 +154,8 @@ pub enum Kind {
     Contacts,
     /// Memberships.
     Memberships,
+    /// Interactions.
+    Interactions,
 }
 
 /// The columns that name an organisation, in the order they are read.
@@ -152,6 +168,7 @@ impl Kind {
             Kind::Organizations => RecordKind::Organization,
             Kind::Contacts => RecordKind::Contact,
             Kind::Memberships => RecordKind::Membership,
+            Kind::Interactions => RecordKind::Interaction,
         }
     }
 
@@ -160,6 +177,7 @@ impl Kind {
             Kind::Organizations => ORGANIZATION_COLUMNS,
             Kind::Contacts => CONTACT_COLUMNS,
             Kind::Memberships => MEMBERSHIP_COLUMNS,
+            Kind::Interactions => INTERACTION_COLUMNS,
         }
     }
 
@@ -169,6 +187,7 @@ impl Kind {
             Kind::Organizations => &[&["legal_name"]],
             Kind::Contacts => &[&["family_name"]],
             Kind::Memberships => &[ORGANIZATION_REFS, &["membership_type_code", "membership_type_id"], &["start_date"]],
+            Kind::Interactions => &[&["kind"], &["subject"], &["occur_time"]],
         }
     }
 
@@ -177,6 +196,7 @@ impl Kind {
             Kind::Organizations => format!("crm.organizations.{action}"),
             Kind::Contacts => format!("crm.contacts.{action}"),
             Kind::Memberships => format!("crm.memberships.{action}"),
+            Kind::Interactions => format!("crm.interactions.{action}"),
         }
     }
 }
@@ -230,6 +250,7 @@ macro_rules! upload_message {
 upload_message!(ImportOrganizationsRequest, |m| m.duplicate_policy);
 upload_message!(ImportContactsRequest, |m| m.duplicate_policy);
 upload_message!(ImportMembershipsRequest, |_| 0);
+upload_message!(ImportInteractionsRequest, |_| 0);
 
 /// Validated options.
 #[derive(Debug, Clone)]
@@ -444,6 +465,48 @@ struct MembershipDraft {
     paid_in_full: bool,
 }
 
+/// The contacts an interaction row names: by `contact_ids`, else by
+/// `contact_emails` (e-mail match keys).
+#[derive(Debug, Clone, Default)]
+enum ContactRefs {
+    #[default]
+    None,
+    Ids(Vec<Uuid>),
+    Emails(Vec<String>),
+}
+
+impl ContactRefs {
+    fn column(&self) -> &'static str {
+        match self {
+            ContactRefs::Emails(_) => "contact_emails",
+            _ => "contact_ids",
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            ContactRefs::None => 0,
+            ContactRefs::Ids(ids) => ids.len(),
+            ContactRefs::Emails(keys) => keys.len(),
+        }
+    }
+}
+
+/// An interaction row: the record as given (its organisation and contacts
+/// left to resolve) and how it names them.
+struct InteractionDraft {
+    interaction: Interaction,
+    organization: Option<OrgRef>,
+    contacts: ContactRefs,
+}
+
+impl InteractionDraft {
+    fn column(&self, path: &str) -> &'static str {
+        let organization = self.organization.as_ref().map_or("organization_id", OrgRef::column);
+        interaction_column(path, organization, self.contacts.column())
+    }
+}
+
 /// The affiliation a contact row asks for.
 #[derive(Debug, Clone)]
 struct Link {
@@ -458,6 +521,7 @@ enum Prepared {
     Organization(Box<(Organization, OrganizationInput)>),
     Contact(Box<(Contact, ContactInput, Option<Link>)>),
     Membership(Box<MembershipDraft>),
+    Interaction(Box<InteractionDraft>),
 }
 
 impl Prepared {
@@ -466,6 +530,7 @@ impl Prepared {
         match self {
             Prepared::Contact(c) => c.2.as_ref().map(|l| &l.organization),
             Prepared::Membership(m) => Some(&m.organization),
+            Prepared::Interaction(i) => i.organization.as_ref(),
             _ => None,
         }
     }
@@ -627,6 +692,7 @@ fn parse(kind: Kind, options: &Options, bytes: &[u8]) -> Result<Parsed, String> 
             Kind::Organizations => prepare_organization(&view, options.entity, &mut problems),
             Kind::Contacts => prepare_contact(&view, options.entity, &mut problems),
             Kind::Memberships => prepare_membership(&view, options.entity, &mut problems),
+            Kind::Interactions => prepare_interaction(&view, options.entity, &mut problems),
         };
         let prepared = if problems.is_empty() { prepared } else { Prepared::Invalid };
         rows.push(Row { number, hash, cells, problems, prepared });
@@ -962,6 +1028,184 @@ fn prepare_membership(c: &Cells, entity: Uuid, problems: &mut Vec<Problem>) -> P
             absorb_violations(problems, &error, "membership.", |path| {
                 membership_column(path, "organization_id", "membership_type_code")
             });
+            Prepared::Invalid
+        }
+    }
+}
+
+/// The UTC instant of a wall-clock time in Europe/Paris: UTC+1, UTC+2 in
+/// summer time (from 01:00 UTC on the last Sunday of March to 01:00 UTC on
+/// the last Sunday of October, the EU rule).
+fn paris(local: NaiveDateTime) -> DateTime<Utc> {
+    let last_sunday = |month: u32| {
+        let last = NaiveDate::from_ymd_opt(local.year(), month, 31).unwrap_or_default();
+        last - chrono::Days::new(u64::from(last.weekday().num_days_from_sunday()))
+    };
+    let one_am = NaiveTime::from_hms_opt(1, 0, 0).unwrap_or_default();
+    let (start, end) = (last_sunday(3).and_time(one_am).and_utc(), last_sunday(10).and_time(one_am).and_utc());
+    let summer = (local - chrono::Duration::hours(2)).and_utc();
+    if (start..end).contains(&summer) { summer } else { (local - chrono::Duration::hours(1)).and_utc() }
+}
+
+/// A time cell: RFC 3339 (as exported), or a date and a time in
+/// Europe/Paris (`YYYY-MM-DD HH:MM[:SS]`, `DD/MM/YYYY HH:MM`, a date alone
+/// at midnight).
+fn time_cell(text: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Some(t.with_timezone(&Utc));
+    }
+    let (date, time) = text.split_once([' ', 'T']).map_or((text, ""), |(d, t)| (d, t.trim()));
+    let date = NaiveDate::parse_from_str(&date_cell(date), "%Y-%m-%d").ok()?;
+    let time = match time {
+        "" => NaiveTime::MIN,
+        t => NaiveTime::parse_from_str(t, "%H:%M:%S").or_else(|_| NaiveTime::parse_from_str(t, "%H:%M")).ok()?,
+    };
+    Some(paris(date.and_time(time)))
+}
+
+/// A duration cell: `H:MM:SS` (as exported), `H:MM`, or minutes.
+fn duration_cell(text: &str) -> Option<prost_types::Duration> {
+    let number = |s: &str| s.trim().parse::<i64>().ok().filter(|n| (0..=10_000_000).contains(n));
+    let sixty = |s: &str| number(s).filter(|n| *n < 60);
+    let seconds = match text.split(':').collect::<Vec<_>>().as_slice() {
+        [minutes] => number(minutes.trim_end_matches("min"))? * 60,
+        [h, m] => number(h)? * 3600 + sixty(m)? * 60,
+        [h, m, s] => number(h)? * 3600 + sixty(m)? * 60 + sixty(s)?,
+        _ => return None,
+    };
+    Some(prost_types::Duration { seconds, nanos: 0 })
+}
+
+fn interaction_kind(text: &str) -> Option<i32> {
+    enum_value(
+        text,
+        "INTERACTION_KIND_",
+        |v| InteractionKind::try_from(v).ok().map(|e| e.as_str_name()),
+        &[
+            ("appel", 1),
+            ("appel téléphonique", 1),
+            ("téléphone", 1),
+            ("réunion", 2),
+            ("rendez-vous", 2),
+            ("rdv", 2),
+            ("visite", 2),
+            ("courriel", 3),
+            ("mail", 3),
+            ("événement", 4),
+            ("participation", 4),
+            ("participation à un événement", 4),
+        ],
+    )
+}
+
+fn direction(text: &str) -> Option<i32> {
+    enum_value(
+        text,
+        "INTERACTION_DIRECTION_",
+        |v| InteractionDirection::try_from(v).ok().map(|e| e.as_str_name()),
+        &[("entrant", 1), ("reçu", 1), ("sortant", 2), ("émis", 2)],
+    )
+}
+
+/// The column of an interaction's field path; its organisation and
+/// contacts are on the columns that named them.
+fn interaction_column(path: &str, organization: &'static str, contacts: &'static str) -> &'static str {
+    match path.split(['[', '.']).next().unwrap_or("") {
+        "organization_id" => organization,
+        "contact_ids" => contacts,
+        other => INTERACTION_COLUMNS.iter().find(|c| c.name == other).map_or("", |c| c.name),
+    }
+}
+
+/// The contacts a row names by `contact_ids`, else `contact_emails`.
+fn contact_refs(c: &Cells, problems: &mut Vec<Problem>) -> ContactRefs {
+    if c.has("contact_ids") {
+        let mut ids = Vec::new();
+        for item in list(c.get("contact_ids")) {
+            match Uuid::parse_str(&item) {
+                Ok(id) => ids.push(id),
+                Err(_) => problems.push(problem(
+                    "contact_ids",
+                    "invalid_id",
+                    format!("« {item} » n'est pas un identifiant (UUID) de contact"),
+                )),
+            }
+        }
+        ContactRefs::Ids(ids)
+    } else if c.has("contact_emails") {
+        let mut keys = Vec::new();
+        for item in list(c.get("contact_emails")) {
+            match validate::normalize_email(&item) {
+                Ok(email) => keys.push(validate::email_match_key(&email)),
+                Err(r) => problems.push(problem(
+                    "contact_emails",
+                    "invalid_email",
+                    format!("« {item} » : {}", validate::describe(r)),
+                )),
+            }
+        }
+        ContactRefs::Emails(keys)
+    } else {
+        ContactRefs::None
+    }
+}
+
+fn prepare_interaction(c: &Cells, entity: Uuid, problems: &mut Vec<Problem>) -> Prepared {
+    let organization = org_ref(c, problems);
+    let contacts = contact_refs(c, problems);
+    // The references are resolved when the row is written: placeholders
+    // meanwhile, so that validation reports the other fields.
+    let mut i = Interaction {
+        entity_id: entity.to_string(),
+        subject: c.get("subject").to_owned(),
+        body: c.get("body").to_owned(),
+        organization_id: if organization.is_some() { Uuid::nil().to_string() } else { String::new() },
+        contact_ids: (0..contacts.len()).map(|n| Uuid::from_u128(n as u128 + 1).to_string()).collect(),
+        event_name: c.get("event_name").to_owned(),
+        location: c.get("location").to_owned(),
+        participant_user_ids: list(c.get("participant_user_ids")),
+        tags: list(c.get("tags")),
+        ..Interaction::default()
+    };
+    if c.has("kind") {
+        match interaction_kind(c.get("kind")) {
+            Some(kind) => i.kind = kind,
+            None => problems.push(problem(
+                "kind",
+                "invalid_kind",
+                "type inconnu : call, meeting, email, event_attendance ou note (appel, réunion, courriel, \
+                 événement, note)",
+            )),
+        }
+    }
+    if c.has("occur_time") {
+        match time_cell(c.get("occur_time")) {
+            Some(t) => i.occur_time = Some(timestamp(t)),
+            None => problems.push(problem(
+                "occur_time",
+                "invalid_occur_time",
+                "date et heure attendues : 2025-03-14T09:30:00Z, ou 2025-03-14 10:30 ou 14/03/2025 10:30 (heure de \
+                 Paris)",
+            )),
+        }
+    }
+    if c.has("duration") {
+        match duration_cell(c.get("duration")) {
+            Some(d) => i.duration = Some(d),
+            None => problems.push(problem("duration", "invalid_duration", "durée attendue : 1:30:00, 1:30 ou 90")),
+        }
+    }
+    if c.has("direction") {
+        match direction(c.get("direction")) {
+            Some(d) => i.direction = d,
+            None => problems.push(problem("direction", "invalid_direction", "sens attendu : inbound ou outbound")),
+        }
+    }
+    let draft = InteractionDraft { interaction: i, organization, contacts };
+    match interactions::validate(&draft.interaction, "interaction") {
+        Ok(_) => Prepared::Interaction(Box::new(draft)),
+        Err(error) => {
+            absorb_violations(problems, &error, "interaction.", |path| draft.column(path));
             Prepared::Invalid
         }
     }
@@ -1568,6 +1812,10 @@ struct Context {
     headers: Vec<String>,
     /// The entity's ancestors, whose offered membership types rows may use.
     ancestors: Vec<Uuid>,
+    /// Who imports: the author of imported interactions.
+    author: ActorRef,
+    /// Where the importer sees what interactions name (interactions only).
+    scopes: Option<interactions::Scopes>,
 }
 
 impl Context {
@@ -1691,18 +1939,108 @@ fn resolve(organization: &OrgRef, named: &[Named]) -> Result<Uuid, Problem> {
             OrgRef::External(e) => n.refs.contains(e),
         })
         .collect();
-    let active: Vec<&&Named> = matches.iter().filter(|n| n.state == OrganizationState::Active as i16).collect();
-    let column = organization.column();
-    match (matches.as_slice(), active.as_slice()) {
-        ([], _) => Err(problem(column, "unknown_organization", "ne désigne aucune organisation de l'entité")),
-        (_, [one]) => Ok(one.id),
-        ([_], []) => Err(problem(column, "merged_organization", "l'organisation a été fusionnée")),
-        _ => Err(problem(
-            column,
-            "ambiguous_organization",
-            "désigne plusieurs organisations de l'entité : précisez le SIRET ou l'identifiant",
-        )),
+    let matches: Vec<(Uuid, bool)> =
+        matches.iter().map(|n| (n.id, n.state == OrganizationState::Active as i16)).collect();
+    designated(&matches, organization.column(), &ORGANIZATION_WORDS, "")
+}
+
+/// How a reference's problems speak of what it names.
+struct Words {
+    /// `organization` or `contact`, for the reasons.
+    kind: &'static str,
+    unknown: &'static str,
+    merged: &'static str,
+    ambiguous: &'static str,
+}
+
+const ORGANIZATION_WORDS: Words = Words {
+    kind: "organization",
+    unknown: "ne désigne aucune organisation de l'entité",
+    merged: "l'organisation a été fusionnée",
+    ambiguous: "désigne plusieurs organisations de l'entité : précisez le SIRET ou l'identifiant",
+};
+
+const CONTACT_WORDS: Words = Words {
+    kind: "contact",
+    unknown: "ne désigne aucun contact de l'entité",
+    merged: "le contact a été fusionné ou effacé",
+    ambiguous: "désigne plusieurs contacts de l'entité : précisez leurs identifiants",
+};
+
+/// The one record a reference designates among its `matches` (id,
+/// active): the only one, or the only active one; else the problem on
+/// `column` (its description after `prefix`).
+fn designated(matches: &[(Uuid, bool)], column: &'static str, words: &Words, prefix: &str) -> Result<Uuid, Problem> {
+    let active: Vec<Uuid> = matches.iter().filter(|m| m.1).map(|m| m.0).collect();
+    let (reason, description) = match (matches, active.as_slice()) {
+        (_, [one]) => return Ok(*one),
+        ([], _) => ("unknown", words.unknown),
+        ([_], []) => ("merged", words.merged),
+        _ => ("ambiguous", words.ambiguous),
+    };
+    Err(problem(column, &format!("{reason}_{}", words.kind), format!("{prefix}{description}")))
+}
+
+#[derive(QueryableByName)]
+struct NamedContact {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = SmallInt)]
+    state: i16,
+    #[diesel(sql_type = Array<Text>)]
+    email_keys: Vec<String>,
+}
+
+/// The contacts of the entity the interaction rows name by e-mail, in
+/// batches.
+async fn named_contacts(conn: &mut AsyncPgConnection, entity: Uuid, rows: &[Row]) -> Result<Vec<NamedContact>, Error> {
+    let mut keys: Vec<&str> = rows
+        .iter()
+        .filter_map(|r| match &r.prepared {
+            Prepared::Interaction(i) => match &i.contacts {
+                ContactRefs::Emails(keys) => Some(keys.iter().map(String::as_str)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut found = Vec::new();
+    for batch in keys.chunks(LOOKUP_BATCH) {
+        let rows: Vec<NamedContact> =
+            diesel::sql_query("SELECT id, state, email_keys FROM contacts WHERE entity_id = $1 AND email_keys && $2")
+                .bind::<SqlUuid, _>(entity)
+                .bind::<Array<Text>, _>(batch)
+                .load(conn)
+                .await
+                .map_err(DbError::from)?;
+        found.extend(rows);
     }
+    Ok(found)
+}
+
+/// The contacts an interaction row names, or their problems.
+fn resolve_contacts(contacts: &ContactRefs, named: &[NamedContact]) -> Result<Vec<Uuid>, Vec<Problem>> {
+    let keys = match contacts {
+        ContactRefs::None => return Ok(Vec::new()),
+        ContactRefs::Ids(ids) => return Ok(ids.clone()),
+        ContactRefs::Emails(keys) => keys,
+    };
+    let (mut ids, mut problems) = (Vec::new(), Vec::new());
+    for key in keys {
+        let matches: Vec<(Uuid, bool)> = named
+            .iter()
+            .filter(|n| n.email_keys.contains(key))
+            .map(|n| (n.id, n.state == ContactState::Active as i16))
+            .collect();
+        match designated(&matches, "contact_emails", &CONTACT_WORDS, &format!("« {key} » ")) {
+            Ok(id) => ids.push(id),
+            Err(p) => problems.push(p),
+        }
+    }
+    if problems.is_empty() { Ok(ids) } else { Err(problems) }
 }
 
 /// The membership types the rows name by code and the entity may use, in
@@ -2144,6 +2482,53 @@ async fn write_membership(
     Ok(Written::Rejected(problems, Vec::new()))
 }
 
+/// Creates or rejects one valid interaction row through the create path
+/// (`interactions::create`, with its audit event), recorded by the
+/// importer; its refusals become the row's problems.
+async fn write_interaction(
+    conn: &mut AsyncPgConnection,
+    ctx: &Context,
+    draft: &InteractionDraft,
+    named: &[Named],
+    contacts: &[NamedContact],
+) -> Result<Written, Error> {
+    let mut problems = Vec::new();
+    let organization = match draft.organization.as_ref().map(|o| resolve(o, named)).transpose() {
+        Ok(organization) => organization,
+        Err(p) => {
+            problems.push(p);
+            None
+        }
+    };
+    let contact_ids = resolve_contacts(&draft.contacts, contacts).unwrap_or_else(|p| {
+        problems.extend(p);
+        Vec::new()
+    });
+    if !problems.is_empty() {
+        return Ok(Written::Rejected(problems, Vec::new()));
+    }
+    let i = Interaction {
+        organization_id: organization.map(|o| o.to_string()).unwrap_or_default(),
+        contact_ids: contact_ids.iter().map(Uuid::to_string).collect(),
+        ..draft.interaction.clone()
+    };
+    let (Some(scopes), id) = (&ctx.scopes, Uuid::now_v7()) else {
+        return Err(Error::internal("interaction imports need the reference scopes"));
+    };
+    let created = match interactions::validate(&i, "interaction") {
+        Ok(input) => interactions::create(conn, id, ctx.entity, &ctx.author, &input, scopes, &ctx.write).await,
+        Err(error) => Err(error),
+    };
+    match created {
+        Ok(_) => Ok(Written::Created(id)),
+        Err(error) if error.code() == Code::InvalidArgument && !error.violations().is_empty() => {
+            absorb_violations(&mut problems, &error, "interaction.", |path| draft.column(path));
+            Ok(Written::Rejected(problems, Vec::new()))
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// Writes the rows of a parsed file; returns their reports.
 async fn process(
     conn: &mut AsyncPgConnection,
@@ -2157,6 +2542,10 @@ async fn process(
         _ => named_organizations(conn, ctx.entity, &parsed.rows).await?,
     };
     let types = named_types(conn, ctx, &parsed.rows).await?;
+    let contacts = match ctx.kind {
+        Kind::Interactions => named_contacts(conn, ctx.entity, &parsed.rows).await?,
+        _ => Vec::new(),
+    };
     // Rows of this file already written: hash → record.
     let mut written: HashMap<String, Option<Uuid>> = HashMap::new();
     let mut reports = Vec::with_capacity(parsed.rows.len());
@@ -2188,7 +2577,7 @@ async fn process(
             let keys = match &row.prepared {
                 Prepared::Organization(o) => o.1.duplicate_keys(),
                 Prepared::Contact(c) => c.1.duplicate_keys(),
-                Prepared::Membership(_) | Prepared::Invalid => Vec::new(),
+                Prepared::Membership(_) | Prepared::Interaction(_) | Prepared::Invalid => Vec::new(),
             };
             let clear = !hinted && !keys.iter().any(|k| fresh_keys.contains(k));
             let cells = Cells { catalogue: ctx.kind.columns(), cells: &row.cells };
@@ -2203,6 +2592,7 @@ async fn process(
                     }
                 }
                 Prepared::Membership(m) => write_membership(conn, ctx, m, &named, &types).await?,
+                Prepared::Interaction(i) => write_interaction(conn, ctx, i, &named, &contacts).await?,
             };
             match result {
                 Written::Created(id) => {
@@ -2252,9 +2642,9 @@ async fn screen(
     }
     let checked = |r: &Row| r.problems.is_empty() && !loaded.contains_key(&r.hash);
     match ctx.kind {
-        // Memberships have no duplicate hints: an overlapping period is
-        // refused by the create path.
-        Kind::Memberships => {}
+        // Memberships and interactions have no duplicate hints (an
+        // overlapping period is refused by the create path).
+        Kind::Memberships | Kind::Interactions => {}
         Kind::Organizations => {
             let (at, inputs): (Vec<usize>, Vec<&OrganizationInput>) = chunk
                 .iter()
@@ -2298,6 +2688,10 @@ impl Crm {
             _ => Vec::new(),
         };
         let acting = caller.with_acting(entity);
+        let scopes = match kind {
+            Kind::Interactions => Some(self.reference_scopes(&acting).await?),
+            _ => None,
+        };
         let readable = self.scope(&acting, &kind.permission("read")).await?;
         if options.policy == DuplicatePolicy::UpdateExisting
             && !self.scope(&acting, &kind.permission("update")).await?.allows(entity)
@@ -2329,6 +2723,8 @@ impl Crm {
             write: write.clone(),
             headers: parsed.as_ref().map(|p| p.headers.clone()).unwrap_or_default(),
             ancestors,
+            author: draft.creator.clone(),
+            scopes,
         };
         let run = draft.clone();
         let result = self
@@ -2403,11 +2799,11 @@ impl Crm {
         let mut v = Violations::new();
         let kind = match RecordKind::try_from(r.record_kind) {
             Ok(RecordKind::Unspecified) => 0i16,
-            Ok(kind @ (RecordKind::Organization | RecordKind::Contact | RecordKind::Membership)) => kind as i16,
-            _ => {
-                v.add("record_kind", "seuls ORGANIZATION, CONTACT et MEMBERSHIP s'importent");
+            Ok(RecordKind::Affiliation) | Err(_) => {
+                v.add("record_kind", "seuls ORGANIZATION, CONTACT, MEMBERSHIP et INTERACTION s'importent");
                 0
             }
+            Ok(kind) => kind as i16,
         };
         let mut states = Vec::new();
         for (i, s) in r.states.iter().enumerate() {
@@ -2704,6 +3100,32 @@ mod tests {
         assert_eq!(payment_status("Partiellement payée"), Some(PaymentStatus::PartiallyPaid as i32));
         assert_eq!(payment_status("Exonéré"), Some(PaymentStatus::Waived as i32));
         assert_eq!(payment_status("payée à moitié"), None);
+    }
+
+    #[test]
+    fn interaction_cells_parse_paris_times_durations_and_french_kinds() {
+        let utc = |text: &str| time_cell(text).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        assert_eq!(utc("2025-03-14T09:30:00.000000Z").as_deref(), Some("2025-03-14T09:30:00Z"));
+        assert_eq!(utc("2025-03-14T10:30:00+01:00").as_deref(), Some("2025-03-14T09:30:00Z"));
+        assert_eq!(utc("14/03/2025 10:30").as_deref(), Some("2025-03-14T09:30:00Z"), "winter: UTC+1");
+        assert_eq!(utc("2025-07-02 15:00:30").as_deref(), Some("2025-07-02T13:00:30Z"), "summer: UTC+2");
+        assert_eq!(utc("2025-03-30 01:59").as_deref(), Some("2025-03-30T00:59:00Z"), "before the change");
+        assert_eq!(utc("2025-03-30 03:00").as_deref(), Some("2025-03-30T01:00:00Z"), "after the change");
+        assert_eq!(utc("2025-10-26 04:00").as_deref(), Some("2025-10-26T03:00:00Z"), "winter again");
+        assert_eq!(utc("2025-05-01").as_deref(), Some("2025-04-30T22:00:00Z"), "a date alone: midnight in Paris");
+        assert_eq!(utc("31/02/2025"), None);
+        assert_eq!(utc("demain"), None);
+        let seconds = |text: &str| duration_cell(text).map(|d| d.seconds);
+        assert_eq!(
+            (seconds("0:15:00"), seconds("1:30"), seconds("45"), seconds("90 min")),
+            (Some(900), Some(5400), Some(2700), Some(5400))
+        );
+        assert_eq!((seconds("1:75"), seconds("deux heures"), seconds("-5")), (None, None, None));
+        assert_eq!(interaction_kind("Réunion"), Some(InteractionKind::Meeting as i32));
+        assert_eq!(interaction_kind("event_attendance"), Some(InteractionKind::EventAttendance as i32));
+        assert_eq!(interaction_kind("E-mail"), Some(InteractionKind::Email as i32));
+        assert_eq!(direction("sortant"), Some(InteractionDirection::Outbound as i32));
+        assert_eq!(interaction_column("contact_ids[1]", "organization_siret", "contact_emails"), "contact_emails");
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! its current contacts) or by contact, they form timelines. Keyset lists
 //! with filters and accent-insensitive full text, partial updates with
 //! etags, idempotent creates; every write is audited in its transaction.
-//! Exports: [`crate::exports`], with the lists' [`filters`]. Import is not
-//! built yet (the generated default answers `UNIMPLEMENTED`).
+//! Exports: [`crate::exports`], with the lists' `filters`; imports:
+//! [`crate::imports`], through `create`.
 
 use chrono::{DateTime, Utc};
 use diesel::{
@@ -323,9 +323,46 @@ async fn check_references(
 }
 
 /// The scopes in which the caller sees the records an interaction names.
-struct Scopes {
+pub(crate) struct Scopes {
     contacts: EntityScope,
     organizations: EntityScope,
+}
+
+/// Creates interaction `id` of `entity` from `input`, recorded by
+/// `author`, in the transaction: its organisation and contacts checked
+/// ([`check_references`]; the scope is `restore` afterwards), its contacts
+/// written in order, audited. Refusals are field violations, before
+/// anything is written. `CreateInteraction` and imports.
+pub(crate) async fn create(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    entity: Uuid,
+    author: &ActorRef,
+    input: &InteractionInput,
+    scopes: &Scopes,
+    restore: &EntityScope,
+) -> Result<Interaction, Error> {
+    check_references(conn, input, None, entity, scopes, restore).await?;
+    let query = diesel::sql_query(
+        "INSERT INTO interactions (kind, subject, body, occur_time, duration_seconds, direction,
+            organization_id, event_name, location, participant_user_ids, tags, id, entity_id,
+            author_kind, author_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+    )
+    .into_boxed();
+    bind_input(query, input)
+        .bind::<SqlUuid, _>(id)
+        .bind::<SqlUuid, _>(entity)
+        .bind::<SmallInt, _>(author.kind as i16)
+        .bind::<Text, _>(author.id.clone())
+        .execute(conn)
+        .await
+        .map_err(DbError::from)?;
+    write_contacts(conn, id, entity, &input.contacts).await?;
+    let created = load(conn, id).await?.ok_or_else(|| Error::internal("created row not found"))?;
+    let created = created.to_proto();
+    audit(conn, "crm.interactions.create", None, Some(&created)).await?;
+    Ok(created)
 }
 
 /// Writes the contacts of interaction `id`, in order (one statement).
@@ -609,7 +646,8 @@ pub(crate) fn bind_filters<'f>(query: Boxed<'f>, entities: Vec<Uuid>, f: &Filter
 }
 
 impl Crm {
-    async fn reference_scopes(&self, caller: &Caller) -> Result<Scopes, Error> {
+    /// The scopes in which `caller` sees the records interactions name.
+    pub(crate) async fn reference_scopes(&self, caller: &Caller) -> Result<Scopes, Error> {
         Ok(Scopes {
             contacts: self.scope(caller, "crm.contacts.read").await?,
             organizations: self.scope(caller, "crm.organizations.read").await?,
@@ -645,27 +683,7 @@ impl Crm {
                         }
                         idempotency::Claim::New(id) => id,
                     };
-                    check_references(conn, &input, None, entity, &scopes, &write_scope).await?;
-                    let query = diesel::sql_query(
-                        "INSERT INTO interactions (kind, subject, body, occur_time, duration_seconds, direction,
-                            organization_id, event_name, location, participant_user_ids, tags, id, entity_id,
-                            author_kind, author_id)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-                    )
-                    .into_boxed();
-                    bind_input(query, &input)
-                        .bind::<SqlUuid, _>(id)
-                        .bind::<SqlUuid, _>(entity)
-                        .bind::<SmallInt, _>(author.kind as i16)
-                        .bind::<Text, _>(author.id.clone())
-                        .execute(conn)
-                        .await
-                        .map_err(DbError::from)?;
-                    write_contacts(conn, id, entity, &input.contacts).await?;
-                    let created = load(conn, id).await?.ok_or_else(|| Error::internal("created row not found"))?;
-                    let created = created.to_proto();
-                    audit(conn, "crm.interactions.create", None, Some(&created)).await?;
-                    Ok(created)
+                    create(conn, id, entity, &author, &input, &scopes, &write_scope).await
                 })
             })
             .await
@@ -879,6 +897,12 @@ impl InteractionService for Crm {
         reply(Crm::export_interactions(self, &caller, request.into_inner()).await, request_id)
     }
 
-    // ImportInteractions: not built yet (the generated default answers
-    // UNIMPLEMENTED).
+    async fn import_interactions(
+        &self,
+        request: Request<tonic::Streaming<ImportInteractionsRequest>>,
+    ) -> Result<Response<ImportInteractionsResponse>, Status> {
+        let (request_id, caller) = (rid(&request), Caller::of(&request));
+        let result = Crm::import(self, &caller, crate::imports::Kind::Interactions, None, request.into_inner()).await;
+        reply(result.map(|job| ImportInteractionsResponse { import_job: Some(job) }), request_id)
+    }
 }

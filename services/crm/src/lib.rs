@@ -12,11 +12,9 @@
 //! ([`interactions`]); accent-insensitive and fuzzy search ([`search`]) and
 //! tags in use ([`tags`]); merges and their undoing ([`merges`]), batch
 //! duplicate scans ([`duplicates`]); CSV imports with per-row reports
-//! ([`imports`]) of organisations, contacts and memberships and streamed
-//! CSV / JSON Lines exports ([`exports`]) of organisations, contacts,
-//! memberships and interactions; GDPR access and erasure ([`gdpr`]). Not
-//! built: the import of interactions, which answers `UNIMPLEMENTED` (the
-//! generated default).
+//! ([`imports`]) and streamed CSV / JSON Lines exports ([`exports`]) of
+//! organisations, contacts, memberships and interactions; GDPR access and
+//! erasure ([`gdpr`]). Every RPC of `socle.crm.v1` is built.
 
 pub mod affiliations;
 pub mod ancestry;

@@ -3,13 +3,15 @@
 //! gRPC streaming, real access decisions and entity ancestors from tenancy,
 //! PostgreSQL with row-level security, audit events through the outbox.
 
+use std::collections::BTreeMap;
+
 use chrono::{Datelike, NaiveDate, Utc};
 use reqwest::Method;
 use serde_json::{Value, json};
-use socle_crm::exports::MEMBERSHIP_COLUMNS;
+use socle_crm::exports::{INTERACTION_COLUMNS, MEMBERSHIP_COLUMNS};
 use socle_proto::socle::crm::v1::{
-    ExportFormat, ExportInteractionsRequest, ExportMembershipsRequest, ImportJobState, ImportMembershipsRequest,
-    InteractionKind, MembershipStatus, interaction_service_client::InteractionServiceClient,
+    ExportFormat, ExportInteractionsRequest, ExportMembershipsRequest, ImportInteractionsRequest, ImportJobState,
+    ImportMembershipsRequest, InteractionKind, MembershipStatus, interaction_service_client::InteractionServiceClient,
     membership_service_client::MembershipServiceClient,
 };
 use socle_testkit::secure::authed;
@@ -319,10 +321,10 @@ struct Timeline {
 }
 
 impl Branches {
-    async fn create_contact(&self, entity: &str, given: &str, family: &str, email: &str) -> String {
+    async fn create_contact(&self, token: &str, entity: &str, given: &str, family: &str, email: &str) -> String {
         let emails = if email.is_empty() { json!([]) } else { json!([{ "address": email, "primary": true }]) };
         let contact = json!({ "givenName": given, "familyName": family, "emails": emails });
-        let created = self.create(&self.lyon_staff, "/api/v1/contacts", "contact", entity, contact).await;
+        let created = self.create(token, "/api/v1/contacts", "contact", entity, contact).await;
         created["id"].as_str().unwrap().to_owned()
     }
 
@@ -337,9 +339,9 @@ async fn timeline(w: &Branches) -> Timeline {
     let emile =
         w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Boulangerie Émile", "siret": emile_siret })).await;
     let atelier = w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Atelier Numérique" })).await;
-    let camille = w.create_contact(&lyon, "Camille", "Durand", "camille@exemple.fr").await;
-    let paul = w.create_contact(&lyon, "Paul", "Martin", "paul@exemple.fr").await;
-    let zoe = w.create_contact(&lyon, "Zoé", "Sans-Courriel", "").await;
+    let camille = w.create_contact(&w.lyon_staff, &lyon, "Camille", "Durand", "camille@exemple.fr").await;
+    let paul = w.create_contact(&w.lyon_staff, &lyon, "Paul", "Martin", "paul@exemple.fr").await;
+    let zoe = w.create_contact(&w.lyon_staff, &lyon, "Zoé", "Sans-Courriel", "").await;
     let participant = Uuid::new_v4().to_string();
     for interaction in [
         json!({ "kind": "INTERACTION_KIND_CALL", "subject": "Relance cotisation", "occurTime": "2025-03-14T09:30:00Z",
@@ -478,16 +480,39 @@ async fn interaction_exports_stay_in_scope_apply_the_list_filters_in_csv_and_jso
     assert_eq!(text, "\u{feff}kind;direction\r\ncall;outbound\r\n");
 }
 
-/// Lyon's memberships as its list returns them.
-async fn listed_memberships(w: &Branches, token: &str, entity: &str) -> Vec<Value> {
-    let (status, body) = w.call(token, Method::GET, "/api/v1/memberships?pageSize=500", entity, None).await;
+/// The records of `what` (`memberships`, `interactions`) Lyon's list
+/// returns.
+async fn listed(w: &Branches, what: &str) -> Vec<Value> {
+    let (status, body) =
+        w.call(&w.lyon_staff, Method::GET, &format!("/api/v1/{what}?pageSize=500"), &w.lyon, None).await;
     assert_eq!(status, 200, "{body}");
-    body["memberships"].as_array().cloned().unwrap_or_default()
+    body[what].as_array().cloned().unwrap_or_default()
+}
+
+/// Deletes every record of `what` in Lyon as the national administrator,
+/// newest first (a renewed membership only after its renewal); returns how
+/// many.
+async fn delete_all(w: &Branches, what: &str) -> usize {
+    let mut ids: Vec<String> = listed(w, what).await.iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
+    ids.sort();
+    for id in ids.iter().rev() {
+        let path = format!("/api/v1/{what}/{id}");
+        let (status, body) = w.call(&w.p.admin_token, Method::DELETE, &path, &w.lyon, None).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    ids.len()
+}
+
+/// A record of `what` (`membership`, `interaction`) read by Lyon's staff.
+async fn get(w: &Branches, what: &str, id: &str) -> Value {
+    let (status, body) = w.call(&w.lyon_staff, Method::GET, &format!("/api/v1/{what}s/{id}"), &w.lyon, None).await;
+    assert_eq!(status, 200, "{body}");
+    body[what].clone()
 }
 
 /// The reports of a job's rows, by row number.
-async fn reports(w: &Branches, entity: &str, job: &Value) -> std::collections::BTreeMap<i64, Value> {
-    let rows = w.rows(&w.lyon_staff, entity, job["id"].as_str().unwrap(), "pageSize=500").await;
+async fn reports(w: &Branches, job: &Value) -> BTreeMap<i64, Value> {
+    let rows = w.rows(&w.lyon_staff, &w.lyon, job["id"].as_str().unwrap(), "pageSize=500").await;
     rows.into_iter().map(|r| (r["rowNumber"].as_str().unwrap().parse().unwrap(), r)).collect()
 }
 
@@ -501,6 +526,107 @@ fn violations(row: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// What an import test uploads to Lyon, and what it expects.
+struct Protocol<'a> {
+    /// `memberships` or `interactions`.
+    what: &'static str,
+    /// Options of every run besides the key and the mode (`&name=value`).
+    options: &'a str,
+    /// The good rows (lines 2 on), then the bad ones.
+    first: Vec<u8>,
+    good: i64,
+    /// Each bad line's expected violations: (column as the file names it,
+    /// reason).
+    bad: &'a [(i64, &'a [(&'a str, &'a str)])],
+    /// The first file fixed: its good rows and one more.
+    fixed: Vec<u8>,
+    /// A file without a required column, and that column.
+    missing: (Vec<u8>, &'a str),
+}
+
+/// The runs of every import test, under one key: a dry run and an
+/// all-or-nothing run that write nothing, a best-effort run that writes the
+/// good rows, the fixed file that writes only the new row, the same file
+/// again that returns its job; the jobs listed by kind; another branch's
+/// staff refused; a file-level error; audit events for the records and the
+/// job. Returns the best-effort job's reports by line.
+async fn import_protocol(w: &Branches, p: Protocol<'_>) -> BTreeMap<i64, Value> {
+    let what = p.what;
+    let key = Uuid::new_v4().to_string();
+    let query = |mode: &str, extra: &str| format!("importKey={key}&mode={mode}{}{extra}", p.options);
+    let import = |query: String, file: Vec<u8>| async move {
+        let (status, body) = w.import(&w.lyon_staff, what, &w.lyon, &query, file).await;
+        assert_eq!(status, 200, "{body}");
+        body["importJob"].clone()
+    };
+    let (good, bad) = (p.good, p.bad.len() as i64);
+    let total = good + bad;
+    let state_and_counts = |job: &Value| (job["state"].as_str().unwrap_or("").to_owned(), counts(job));
+
+    // A dry run validates every row, reports the bad ones by column, and
+    // writes nothing; so does all or nothing.
+    let dry = import(query("IMPORT_MODE_BEST_EFFORT", "&dryRun=true"), p.first.clone()).await;
+    assert_eq!(state_and_counts(&dry), ("IMPORT_JOB_STATE_VALIDATED".into(), [total, 0, 0, 0, bad, good]), "{dry}");
+    assert_eq!(dry["recordKind"], format!("RECORD_KIND_{}", what.trim_end_matches('s').to_uppercase()));
+    let rows = reports(w, &dry).await;
+    for line in 2..good + 2 {
+        assert_eq!(rows[&line]["outcome"], "IMPORT_ROW_OUTCOME_VALID", "{:?}", rows[&line]);
+    }
+    for (line, wanted) in p.bad {
+        let found = violations(&rows[line]);
+        for (column, reason) in *wanted {
+            assert!(
+                found.iter().any(|(c, r)| c == column && r == reason),
+                "line {line}: no {column}/{reason} in {found:?}"
+            );
+        }
+    }
+    let failed = import(query("IMPORT_MODE_ALL_OR_NOTHING", ""), p.first.clone()).await;
+    assert_eq!(state_and_counts(&failed), ("IMPORT_JOB_STATE_FAILED".into(), [total, 0, 0, 0, bad, good]));
+    assert!(listed(w, what).await.is_empty(), "a dry run or all or nothing wrote something");
+
+    // Best effort writes the good rows.
+    let partial = import(query("IMPORT_MODE_BEST_EFFORT", ""), p.first.clone()).await;
+    assert_eq!(
+        state_and_counts(&partial),
+        ("IMPORT_JOB_STATE_PARTIALLY_SUCCEEDED".into(), [total, good, 0, 0, bad, 0])
+    );
+    assert_eq!(listed(w, what).await.len() as i64, good);
+    let created = reports(w, &partial).await;
+
+    // The fixed file, same key: only the new row is written, the others
+    // point at the records loaded first; the same file again returns its job.
+    let second = import(query("IMPORT_MODE_BEST_EFFORT", ""), p.fixed.clone()).await;
+    assert_eq!(state_and_counts(&second), ("IMPORT_JOB_STATE_SUCCEEDED".into(), [good + 1, 1, 0, good, 0, 0]));
+    let again = reports(w, &second).await;
+    for line in 2..good + 2 {
+        assert_eq!(again[&line]["recordId"], created[&line]["recordId"], "line {line}");
+    }
+    assert_eq!(listed(w, what).await.len() as i64, good + 1);
+    let third = import(query("IMPORT_MODE_BEST_EFFORT", ""), p.fixed.clone()).await;
+    assert_eq!(third["id"], second["id"]);
+    assert_eq!(listed(w, what).await.len() as i64, good + 1);
+    let kind = dry["recordKind"].as_str().unwrap();
+    let (_, jobs) =
+        w.call(&w.lyon_staff, Method::GET, &format!("/api/v1/import-jobs?recordKind={kind}"), &w.lyon, None).await;
+    assert_eq!(jobs["importJobs"].as_array().map(Vec::len), Some(4), "{jobs}");
+
+    // No import into another branch; a file-level error fails the job.
+    let (status, _) = w.import(&w.lille_staff, what, &w.lyon, &query("IMPORT_MODE_BEST_EFFORT", ""), p.fixed).await;
+    assert_eq!(status, 403);
+    let missing = import(format!("importKey={key}-incomplet"), p.missing.0).await;
+    assert_eq!(missing["state"], "IMPORT_JOB_STATE_FAILED");
+    assert!(missing["error"].as_str().unwrap().contains(p.missing.1), "{missing}");
+
+    // Imported records and the job are audited like creates.
+    let record = created[&2]["recordId"].as_str().unwrap().to_owned();
+    let action = format!("crm.{what}.create");
+    w.p.wait_for_event(&w.lyon, |e| e["action"] == action.as_str() && e["resourceId"] == record.as_str()).await;
+    let job = partial["id"].as_str().unwrap().to_owned();
+    w.p.wait_for_event(&w.lyon, |e| e["action"] == "crm.import_jobs.create" && e["resourceId"] == job.as_str()).await;
+    created
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn membership_imports_resolve_references_report_by_column_and_write_all_or_nothing_or_best_effort() {
     let (w, _) = world().await;
@@ -509,8 +635,7 @@ async fn membership_imports_resolve_references_report_by_column_and_write_all_or
     let (emile_siret, atelier_siret, nord_siret) = (siret(11_111_111), siret(22_222_222), siret(55_555_555));
     let emile =
         w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Boulangerie Émile", "siret": emile_siret })).await;
-    let atelier =
-        w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Atelier Numérique", "siret": atelier_siret })).await;
+    w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Atelier Numérique", "siret": atelier_siret })).await;
     let transports_siren = siret(44_444_444)[..9].to_owned();
     let transports =
         w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Transports Rhône", "siren": transports_siren })).await;
@@ -539,80 +664,40 @@ async fn membership_imports_resolve_references_report_by_column_and_write_all_or
         format!("{atelier_siret};;STD;{year}-01-01;;;600;partially_paid;;;"),
     ];
     let file = |rows: &[String]| windows_1252(&format!("{header}\r\n{}\r\n", rows.join("\r\n")));
-    let first = file(&[good.to_vec(), bad.to_vec()].concat());
-    let key = Uuid::new_v4().to_string();
-    let options = |mode: &str, extra: &str| {
-        format!("importKey={key}&mode={mode}&encoding=TEXT_ENCODING_WINDOWS_1252&filename=cotisations.csv{extra}")
-    };
-    let import = |query: String, file: Vec<u8>| {
-        let (w, lyon) = (&w, lyon.clone());
-        async move {
-            let (status, body) = w.import(&w.lyon_staff, "memberships", &lyon, &query, file).await;
-            assert_eq!(status, 200, "{body}");
-            body["importJob"].clone()
-        }
-    };
+    let created = import_protocol(
+        &w,
+        Protocol {
+            what: "memberships",
+            options: "&encoding=TEXT_ENCODING_WINDOWS_1252&filename=cotisations.csv",
+            first: file(&[good.to_vec(), bad.to_vec()].concat()),
+            good: 3,
+            bad: &[
+                (5, &[("SIRET de l'organisation", "unknown_organization")]),
+                (6, &[("SIREN de l'organisation", "ambiguous_organization")]),
+                (
+                    7,
+                    &[
+                        ("Date de début", "invalid_start_date"),
+                        ("Cotisation", "invalid_amount"),
+                        ("Statut de paiement", "invalid_payment_status"),
+                    ],
+                ),
+                (8, &[("Code du type d'adhésion", "unknown_membership_type")]),
+                (9, &[("Date de début", "overlapping_membership")]),
+                (10, &[("Statut de paiement", "invalid_payment_status")]),
+            ],
+            fixed: file(&[good.to_vec(), vec![format!("{atelier_siret};;STD;{year}-01-01;;;;;;;")]].concat()),
+            missing: (
+                format!("organization_siret;membership_type_code\n{emile_siret};STD\n").into_bytes(),
+                "start_date",
+            ),
+        },
+    )
+    .await;
 
-    // A dry run validates every row and writes nothing.
-    let dry = import(options("IMPORT_MODE_BEST_EFFORT", "&dryRun=true"), first.clone()).await;
-    assert_eq!(dry["state"], "IMPORT_JOB_STATE_VALIDATED", "{dry}");
-    assert_eq!(dry["recordKind"], "RECORD_KIND_MEMBERSHIP");
-    assert_eq!(counts(&dry), [9, 0, 0, 0, 6, 3], "{dry}");
-    assert!(listed_memberships(&w, &w.lyon_staff, &lyon).await.is_empty(), "a dry run writes nothing");
-
-    // Each refusal on its column, as the file names it, on its line.
-    let rows = reports(&w, &lyon, &dry).await;
-    let expect = |line: i64, wanted: &[(&str, &str)]| {
-        let found = violations(&rows[&line]);
-        for (column, reason) in wanted {
-            assert!(
-                found.iter().any(|(c, r)| c == column && r == reason),
-                "line {line}: no {column}/{reason} in {found:?}"
-            );
-        }
-    };
-    for line in 2..=4 {
-        assert_eq!(rows[&line]["outcome"], "IMPORT_ROW_OUTCOME_VALID", "{:?}", rows[&line]);
-    }
-    expect(5, &[("SIRET de l'organisation", "unknown_organization")]);
-    expect(6, &[("SIREN de l'organisation", "ambiguous_organization")]);
-    expect(
-        7,
-        &[
-            ("Date de début", "invalid_start_date"),
-            ("Cotisation", "invalid_amount"),
-            ("Statut de paiement", "invalid_payment_status"),
-        ],
-    );
-    expect(8, &[("Code du type d'adhésion", "unknown_membership_type")]);
-    expect(9, &[("Date de début", "overlapping_membership")]);
-    expect(10, &[("Statut de paiement", "invalid_payment_status")]);
-    assert!(rows[&9]["violations"][0]["description"].as_str().unwrap().contains("chevauche"), "{:?}", rows[&9]);
-
-    // All or nothing: one bad row, nothing written.
-    let failed = import(options("IMPORT_MODE_ALL_OR_NOTHING", ""), first.clone()).await;
-    assert_eq!(failed["state"], "IMPORT_JOB_STATE_FAILED", "{failed}");
-    assert_eq!(counts(&failed), [9, 0, 0, 0, 6, 3]);
-    assert!(listed_memberships(&w, &w.lyon_staff, &lyon).await.is_empty(), "all or nothing wrote something");
-
-    // Best effort: the good rows go through the create path.
-    let partial = import(options("IMPORT_MODE_BEST_EFFORT", ""), first.clone()).await;
-    assert_eq!(partial["state"], "IMPORT_JOB_STATE_PARTIALLY_SUCCEEDED", "{partial}");
-    assert_eq!(counts(&partial), [9, 3, 0, 0, 6, 0]);
-    assert_eq!(partial["filename"], "cotisations.csv");
-    let created = reports(&w, &lyon, &partial).await;
+    // The records, as the create path makes them.
     let id = |line: i64| created[&line]["recordId"].as_str().unwrap().to_owned();
-    let get = |id: String| {
-        let (w, lyon) = (&w, lyon.clone());
-        async move {
-            let (status, body) =
-                w.call(&w.lyon_staff, Method::GET, &format!("/api/v1/memberships/{id}"), &lyon, None).await;
-            assert_eq!(status, 200, "{body}");
-            body["membership"].clone()
-        }
-    };
-    let renewal = get(id(2)).await;
-    let history = get(id(3)).await;
+    let (renewal, history) = (get(&w, "membership", &id(2)).await, get(&w, "membership", &id(3)).await);
     assert_eq!(renewal["organizationId"], emile.as_str());
     assert_eq!(renewal["previousMembershipId"], id(3), "linked to the period it renews, whatever the file's order");
     assert_eq!(renewal["membershipTypeId"], history["membershipTypeId"]);
@@ -625,7 +710,7 @@ async fn membership_imports_resolve_references_report_by_column_and_write_all_or
     assert_eq!(history["paymentStatus"], "PAYMENT_STATUS_PAID");
     assert_eq!(history["paymentDate"], format!("{}-02-15", year - 1));
     assert_eq!((history["paymentReference"].as_str(), history["notes"].as_str()), (Some("CHQ-1"), Some("Historique")));
-    let by_siren = get(id(4)).await;
+    let by_siren = get(&w, "membership", &id(4)).await;
     assert_eq!(by_siren["organizationId"], transports.as_str());
     assert_eq!(by_siren["membershipTypeDisplayName"], "Adhésion lyonnaise");
     assert_eq!(
@@ -634,59 +719,11 @@ async fn membership_imports_resolve_references_report_by_column_and_write_all_or
     );
     assert_eq!(by_siren["paymentStatus"], "PAYMENT_STATUS_PARTIALLY_PAID");
     assert_eq!(by_siren["notes"], "Relance : « urgent »");
-
-    // The fixed file, same key: only the new row is written.
-    let fixed = file(&[good.to_vec(), vec![format!("{atelier_siret};;STD;{year}-01-01;;;;;;;")]].concat());
-    let second = import(options("IMPORT_MODE_BEST_EFFORT", ""), fixed.clone()).await;
-    assert_eq!(second["state"], "IMPORT_JOB_STATE_SUCCEEDED", "{second}");
-    assert_eq!(counts(&second), [4, 1, 0, 3, 0, 0]);
-    let again = reports(&w, &lyon, &second).await;
-    assert_eq!(
-        (2..=4).map(|l| again[&l]["recordId"].clone()).collect::<Vec<_>>(),
-        (2..=4).map(|l| json!(id(l))).collect::<Vec<_>>()
-    );
-    assert_eq!(again[&5]["outcome"], "IMPORT_ROW_OUTCOME_CREATED");
-    assert_eq!(listed_memberships(&w, &w.lyon_staff, &lyon).await.len(), 4);
-    let atelier_rows: Vec<Value> = listed_memberships(&w, &w.lyon_staff, &lyon)
-        .await
-        .into_iter()
-        .filter(|m| m["organizationId"] == atelier.as_str())
-        .collect();
-    assert_eq!(atelier_rows.len(), 1);
-    // The same file again: the first job, nothing written.
-    let third = import(options("IMPORT_MODE_BEST_EFFORT", ""), fixed.clone()).await;
-    assert_eq!(third["id"], second["id"]);
-    assert_eq!(listed_memberships(&w, &w.lyon_staff, &lyon).await.len(), 4);
-
-    // Jobs of memberships are listed by their kind.
-    let (_, jobs) =
-        w.call(&w.lyon_staff, Method::GET, "/api/v1/import-jobs?recordKind=RECORD_KIND_MEMBERSHIP", &lyon, None).await;
-    assert_eq!(jobs["importJobs"].as_array().map(Vec::len), Some(4), "{jobs}");
-    let (_, jobs) = w
-        .call(&w.lyon_staff, Method::GET, "/api/v1/import-jobs?recordKind=RECORD_KIND_ORGANIZATION", &lyon, None)
-        .await;
-    assert!(jobs["importJobs"].as_array().is_none_or(|j| j.is_empty()), "{jobs}");
-
-    // Scope: no import into another branch; a file-level error fails the job.
-    let (status, _) =
-        w.import(&w.lille_staff, "memberships", &lyon, &options("IMPORT_MODE_BEST_EFFORT", ""), fixed.clone()).await;
-    assert_eq!(status, 403);
-    let (status, _) = w.import(&w.lyon_staff, "memberships", &lille, "importKey=x", fixed.clone()).await;
-    assert_eq!(status, 403);
-    let missing = import(
-        "importKey=sans-date".into(),
-        format!("organization_siret;membership_type_code\n{emile_siret};STD\n").into_bytes(),
-    )
-    .await;
-    assert_eq!(missing["state"], "IMPORT_JOB_STATE_FAILED");
-    assert!(missing["error"].as_str().unwrap().contains("start_date"), "{missing}");
-
-    // Imported records and the job are audited like creates (and the
-    // period renewed, whose successor link changed, like an update).
-    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.memberships.create" && e["resourceId"] == id(4).as_str()).await;
+    // The period renewed, whose successor link changed, is audited as an
+    // update; Lyon's staff cannot import into Lille.
     w.p.wait_for_event(&lyon, |e| e["action"] == "crm.memberships.update" && e["resourceId"] == id(3).as_str()).await;
-    let job = partial["id"].as_str().unwrap().to_owned();
-    w.p.wait_for_event(&lyon, |e| e["action"] == "crm.import_jobs.create" && e["resourceId"] == job.as_str()).await;
+    let (status, _) = w.import(&w.lyon_staff, "memberships", &lille, "importKey=x", b"start_date\n".to_vec()).await;
+    assert_eq!(status, 403);
 }
 
 /// Streams `file` to an import over native gRPC through the edge, the
@@ -716,16 +753,8 @@ async fn membership_exports_re_import_as_is_over_native_grpc_and_never_twice() {
 
     // Every period deleted (the renewal first), then the export imported
     // back: the same periods, the renewal linked again.
-    let listed = listed_memberships(&w, &w.lyon_staff, &lyon).await;
-    assert_eq!(listed.len(), 3);
-    let mut ids: Vec<String> = listed.iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();
-    ids.sort();
-    for id in ids.iter().rev() {
-        let (status, body) =
-            w.call(&w.p.admin_token, Method::DELETE, &format!("/api/v1/memberships/{id}"), &lyon, None).await;
-        assert_eq!(status, 200, "{body}");
-    }
-    assert!(listed_memberships(&w, &w.lyon_staff, &lyon).await.is_empty());
+    assert_eq!(delete_all(&w, "memberships").await, 3);
+    assert!(listed(&w, "memberships").await.is_empty());
     let client = MembershipServiceClient::connect(w.p.edge.url()).await.unwrap();
     let first = ImportMembershipsRequest {
         entity_id: lyon.clone(),
@@ -760,10 +789,143 @@ async fn membership_exports_re_import_as_is_over_native_grpc_and_never_twice() {
         w.import(&w.lyon_staff, "memberships", &lyon, "importKey=autre&mode=IMPORT_MODE_BEST_EFFORT", exported).await;
     assert_eq!(status, 200, "{other}");
     assert_eq!(counts(&other["importJob"]), [3, 0, 0, 0, 3, 0], "{other}");
-    let rows = reports(&w, &lyon, &other["importJob"]).await;
+    let rows = reports(&w, &other["importJob"]).await;
     assert!(
         rows.values().all(|r| violations(r).contains(&("start_date".to_owned(), "overlapping_membership".to_owned()))),
         "{rows:?}"
     );
-    assert_eq!(listed_memberships(&w, &w.lyon_staff, &lyon).await.len(), 3);
+    assert_eq!(listed(&w, "memberships").await.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interaction_imports_resolve_organisations_and_contacts_report_by_column_and_rerun_safely() {
+    let w = Branches::start().await;
+    let (lyon, lille) = (w.lyon.clone(), w.lille.clone());
+    let (emile_siret, atelier_siret, nord_siret) = (siret(11_111_111), siret(22_222_222), siret(55_555_555));
+    let emile =
+        w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Boulangerie Émile", "siret": emile_siret })).await;
+    let atelier =
+        w.create_org(&w.lyon_staff, &lyon, json!({ "legalName": "Atelier Numérique", "siret": atelier_siret })).await;
+    let camille = w.create_contact(&w.lyon_staff, &lyon, "Camille", "Durand", "camille.durand@exemple.fr").await;
+    let paul = w.create_contact(&w.lyon_staff, &lyon, "Paul", "Martin", "paul@exemple.fr").await;
+    for name in ["Accueil", "Standard"] {
+        w.create_contact(&w.lyon_staff, &lyon, name, "Partagé", "accueil@exemple.fr").await;
+    }
+    w.create_org(&w.lille_staff, &lille, json!({ "legalName": "Brasserie du Nord", "siret": nord_siret })).await;
+    w.create_contact(&w.lille_staff, &lille, "Nadia", "Nord", "nord@exemple.fr").await;
+
+    // French labels and values, Paris times (winter and summer), contacts
+    // by e-mail, organisations by SIRET; UTF-8 and `;`.
+    let header = "Type;Date;Objet;Détails;Durée;Sens;SIRET de l'organisation;E-mails des contacts;Lieu;Étiquettes";
+    let good = [
+        format!(
+            "appel;14/03/2025 10:30;Relance cotisation;;15;sortant;{emile_siret};Camille.Durand@Exemple.FR;;cotisation"
+        ),
+        format!(
+            "réunion;2025-07-02 15:00;Visite atelier;\"Compte rendu ; à suivre\";1:30;;{atelier_siret};\
+             paul@exemple.fr, camille.durand@exemple.fr;Lyon 7e;"
+        ),
+        "note;2025-05-01T08:00:00Z;Note interne;;;;;paul@exemple.fr;;interne".to_owned(),
+    ];
+    let bad = [
+        format!("appel;2025-03-14 10:30;Appel de Lille;;;;{nord_siret};;;"),
+        "note;2025-03-14;Accueil;;;;;accueil@exemple.fr;;".to_owned(),
+        "visioconférence;31/02/2025;;;deux heures;latéral;;camille.durand@exemple.fr;;".to_owned(),
+        "note;2025-03-14;Sans personne;;;;;;;".to_owned(),
+        "note;2025-03-14;Contact de Lille;;;;;nord@exemple.fr;;".to_owned(),
+        "note;2025-03-14;Lieu sans réunion;;;;;paul@exemple.fr;Salle A;".to_owned(),
+    ];
+    let file = |rows: &[String]| format!("{header}\n{}\n", rows.join("\n")).into_bytes();
+    let created = import_protocol(
+        &w,
+        Protocol {
+            what: "interactions",
+            options: "",
+            first: file(&[good.to_vec(), bad.to_vec()].concat()),
+            good: 3,
+            bad: &[
+                (5, &[("SIRET de l'organisation", "unknown_organization")]),
+                (6, &[("E-mails des contacts", "ambiguous_contact")]),
+                (
+                    7,
+                    &[
+                        ("Type", "invalid_kind"),
+                        ("Date", "invalid_occur_time"),
+                        ("Objet", "required"),
+                        ("Durée", "invalid_duration"),
+                        ("Sens", "invalid_direction"),
+                    ],
+                ),
+                (8, &[("organization_id", "required")]),
+                (9, &[("E-mails des contacts", "unknown_contact")]),
+                (10, &[("Lieu", "invalid_location")]),
+            ],
+            fixed: file(&[good.to_vec(), vec![format!("note;2025-03-14;Sans personne;;;;{emile_siret};;;")]].concat()),
+            missing: (b"kind;occur_time\nnote;2025-03-14\n".to_vec(), "subject"),
+        },
+    )
+    .await;
+
+    // The records, as the create path makes them, recorded by the importer.
+    let id = |line: i64| created[&line]["recordId"].as_str().unwrap().to_owned();
+    let call = get(&w, "interaction", &id(2)).await;
+    assert_eq!(call["kind"], "INTERACTION_KIND_CALL");
+    assert_eq!(call["occurTime"], "2025-03-14T09:30:00Z", "10:30 in Paris in winter");
+    assert_eq!(
+        (call["duration"].as_str(), call["direction"].as_str()),
+        (Some("900s"), Some("INTERACTION_DIRECTION_OUTBOUND"))
+    );
+    assert_eq!((call["organizationId"].as_str(), call["contactIds"].clone()), (Some(emile.as_str()), json!([camille])));
+    assert_eq!(call["tags"], json!(["cotisation"]));
+    assert_eq!(call["author"]["kind"], "ACTOR_KIND_USER", "recorded by the importer");
+    let meeting = get(&w, "interaction", &id(3)).await;
+    assert_eq!(meeting["occurTime"], "2025-07-02T13:00:00Z", "15:00 in Paris in summer");
+    assert_eq!(
+        (meeting["duration"].as_str(), meeting["body"].as_str(), meeting["location"].as_str()),
+        (Some("5400s"), Some("Compte rendu ; à suivre"), Some("Lyon 7e"))
+    );
+    assert_eq!(
+        (meeting["organizationId"].as_str(), meeting["contactIds"].clone()),
+        (Some(atelier.as_str()), json!([paul, camille]))
+    );
+    let note = get(&w, "interaction", &id(4)).await;
+    assert_eq!((note["organizationId"].as_str(), note["contactIds"].clone()), (None, json!([paul])));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interaction_exports_re_import_as_is_over_native_grpc_and_never_twice() {
+    let w = Branches::start().await;
+    let lyon = w.lyon.clone();
+    timeline(&w).await;
+    let read: Vec<&str> = INTERACTION_COLUMNS
+        .iter()
+        .filter(|c| c.input && c.name != "organization_external_ref")
+        .map(|c| c.name)
+        .collect();
+    let before = w.export_text(&w.lyon_staff, "interactions", &lyon, json!({ "columns": read })).await;
+    let exported = w.download(&w.lyon_staff, "interactions", &lyon, json!({})).await.2;
+
+    // Every interaction deleted, then the export imported back.
+    assert_eq!(delete_all(&w, "interactions").await, 3);
+    assert!(listed(&w, "interactions").await.is_empty());
+    let client = InteractionServiceClient::connect(w.p.edge.url()).await.unwrap();
+    let first = ImportInteractionsRequest { entity_id: lyon.clone(), import_key: "copie".into(), ..Default::default() };
+    let messages = upload_messages(first, &exported, |m, chunk| ImportInteractionsRequest { chunk, ..m });
+    let upload = |messages: Vec<ImportInteractionsRequest>| {
+        let (mut client, request) = (client.clone(), authed(futures::stream::iter(messages), &w.lyon_staff, &lyon));
+        async move { client.import_interactions(request).await.unwrap().into_inner().import_job.unwrap() }
+    };
+    let job = upload(messages.clone()).await;
+    assert_eq!((job.state, job.counts.unwrap().created), (ImportJobState::Succeeded as i32, 3), "{job:?}");
+    let after = w.export_text(&w.lyon_staff, "interactions", &lyon, json!({ "columns": read })).await;
+    assert_eq!(text_rows(&after), text_rows(&before), "{after}\n{before}");
+
+    // Never twice: the same upload returns the first job; the same rows in
+    // another run of the key are already loaded.
+    assert_eq!(upload(messages).await.id, job.id);
+    let query = "importKey=copie&mode=IMPORT_MODE_BEST_EFFORT&filename=encore.csv";
+    let (status, rerun) = w.import(&w.lyon_staff, "interactions", &lyon, query, exported).await;
+    assert_eq!(status, 200, "{rerun}");
+    assert_eq!(counts(&rerun["importJob"]), [3, 0, 0, 3, 0, 0], "{rerun}");
+    assert_eq!(listed(&w, "interactions").await.len(), 3);
 }
