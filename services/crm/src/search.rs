@@ -184,7 +184,12 @@ impl Crm {
                 o.latest_membership_end, o.latest_membership_grace_end, {TODAY_SQL})"
         );
         let sql = format!(
-            "WITH hits AS (
+            "WITH candidates AS MATERIALIZED (
+               -- One index scan per way of matching, typos only when the
+               -- words match little (migration 000007: why a SECURITY
+               -- DEFINER function).
+               SELECT kind, id FROM crm_search_candidates($1, $2, $3, $4, $5, $6, $7)
+             ), hits AS (
                SELECT 1::smallint AS kind, o.id, greatest(
                         CASE WHEN $5 <> '' AND (o.siren = $5 OR o.siret = $5) THEN 1.0 END,
                         CASE WHEN $6 <> '' AND o.phone = $6 THEN 1.0 END,
@@ -194,10 +199,7 @@ impl Crm {
                         0.9 * greatest(similarity(o.name_key, $4), similarity(o.trade_key, $4),
                                        word_similarity($4, o.name_key))
                       )::float8 AS score
-                 -- Candidates: one index scan per way of matching (see
-                 -- migration 000007: why a SECURITY DEFINER function).
-                 FROM crm_organization_search_candidates($1, $3, $4, $5, $6, $7) oc
-                 JOIN organizations o ON o.id = oc.id
+                 FROM candidates k JOIN organizations o ON o.id = k.id AND k.kind = 1
                 WHERE o.entity_id = ANY($1) AND o.state = 1
                   AND (cardinality($8::smallint[]) = 0 OR {org_status} = ANY($8))
                   AND o.tags @> $9
@@ -210,8 +212,7 @@ impl Crm {
                         0.9 * greatest(similarity(c.name_key, $4), word_similarity($4, c.name_key),
                                        similarity(crm_join(c.email_keys), $4))
                       )::float8
-                 FROM crm_contact_search_candidates($2, $3, $4, $6, $7) cc
-                 JOIN contacts c ON c.id = cc.id
+                 FROM candidates k JOIN contacts c ON c.id = k.id AND k.kind = 2
                 WHERE c.entity_id = ANY($2) AND c.state = 1
                   AND (cardinality($8::smallint[]) = 0 OR {contact_status} = ANY($8))
                   AND c.tags @> $9

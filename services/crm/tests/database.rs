@@ -231,48 +231,70 @@ struct Id {
     id: Uuid,
 }
 
-/// The search's candidate functions run as the owner (so that their
-/// indexes serve despite row-level security) and must apply the caller's
-/// scope themselves: asked for another entity, they return nothing.
+/// The search's candidate function runs as the owner (so that its indexes
+/// serve despite row-level security) and must apply the caller's scope
+/// itself: asked for another entity, it returns nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn search_candidates_stay_within_the_callers_scope() {
     let (crm, db) = crm().await;
     let (lyon, lille) = (Uuid::new_v4(), Uuid::new_v4());
     let ours = create_org(&crm, lyon, "Boulangerie Martin", "69001").await;
     let theirs = create_org(&crm, lille, "Boulangerie Martinez", "59000").await;
-    let candidates = |scope: EntityScope, asked: Vec<Uuid>| {
-        let db = db.clone();
-        async move {
-            let mut ids: Vec<Uuid> = db
-                .transaction(&scope, move |conn| {
-                    Box::pin(async move {
-                        diesel::sql_query(
-                            "SELECT id FROM crm_organization_search_candidates($1, 'boulangerie:*', 'boulangerie martin', '', '', '')",
-                        )
-                        .bind::<diesel::sql_types::Array<SqlUuid>, _>(asked)
-                        .load::<Id>(conn)
-                        .await
-                        .map_err(socle_db::DbError::from)
-                    })
-                })
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|row| row.id)
-                .collect();
-            ids.sort();
-            ids
-        }
-    };
     let (ours, theirs) = (Uuid::parse_str(&ours.id).unwrap(), Uuid::parse_str(&theirs.id).unwrap());
     let mut both = vec![ours, theirs];
     both.sort();
+    let query = ("boulangerie:*", "boulangerie martin");
     // Within Lyon's scope, asking for Lille too yields Lyon's only.
-    assert_eq!(candidates(EntityScope::entity(lyon), vec![lyon, lille]).await, vec![ours]);
-    assert_eq!(candidates(EntityScope::entity(lyon), vec![lille]).await, Vec::<Uuid>::new());
-    assert_eq!(candidates(EntityScope::none(), vec![lyon, lille]).await, Vec::<Uuid>::new());
-    // With both in scope, both match (the name and the trade word).
-    assert_eq!(candidates(EntityScope::Entities(vec![lyon, lille]), vec![lyon, lille]).await, both);
+    assert_eq!(candidates(&db, EntityScope::entity(lyon), vec![lyon, lille], query).await, vec![ours]);
+    assert_eq!(candidates(&db, EntityScope::entity(lyon), vec![lille], query).await, Vec::<Uuid>::new());
+    assert_eq!(candidates(&db, EntityScope::none(), vec![lyon, lille], query).await, Vec::<Uuid>::new());
+    // With both in scope, both match.
+    assert_eq!(candidates(&db, EntityScope::Entities(vec![lyon, lille]), vec![lyon, lille], query).await, both);
     // Nothing asked, nothing read.
-    assert_eq!(candidates(EntityScope::Entities(vec![lyon, lille]), vec![]).await, Vec::<Uuid>::new());
+    assert_eq!(candidates(&db, EntityScope::Entities(vec![lyon, lille]), vec![], query).await, Vec::<Uuid>::new());
+}
+
+/// Typos are a fallback: a misspelt name is a candidate while the words
+/// themselves match fewer than 20 records, and no longer once they match
+/// more (the trigram scans are skipped).
+#[tokio::test(flavor = "multi_thread")]
+async fn typo_matches_are_a_fallback_when_the_words_match_little() {
+    let (crm, db) = crm().await;
+    let lyon = Uuid::new_v4();
+    let misspelt = create_org(&crm, lyon, "Dupond Transports", "69002").await;
+    let misspelt = Uuid::parse_str(&misspelt.id).unwrap();
+    let query = ("dupont:*", "dupont");
+    let scope = || EntityScope::entity(lyon);
+    assert_eq!(candidates(&db, scope(), vec![lyon], query).await, vec![misspelt], "the typo is found");
+    for i in 0..20 {
+        create_org(&crm, lyon, &format!("Dupont {i:02}"), "69003").await;
+    }
+    let found = candidates(&db, scope(), vec![lyon], query).await;
+    assert_eq!(found.len(), 20, "the 20 exact matches");
+    assert!(!found.contains(&misspelt), "typos are not looked for when the words match 20 records");
+}
+
+/// The organisations `crm_search_candidates` returns for a query
+/// (`tsquery`, folded text) asked within `asked`, under `scope`.
+async fn candidates(db: &Database, scope: EntityScope, asked: Vec<Uuid>, query: (&str, &str)) -> Vec<Uuid> {
+    let (tsquery, folded) = (query.0.to_owned(), query.1.to_owned());
+    let mut ids: Vec<Uuid> = db
+        .transaction(&scope, move |conn| {
+            Box::pin(async move {
+                diesel::sql_query("SELECT id FROM crm_search_candidates($1, '{}', $2, $3, '', '', '') WHERE kind = 1")
+                    .bind::<diesel::sql_types::Array<SqlUuid>, _>(asked)
+                    .bind::<diesel::sql_types::Text, _>(tsquery)
+                    .bind::<diesel::sql_types::Text, _>(folded)
+                    .load::<Id>(conn)
+                    .await
+                    .map_err(socle_db::DbError::from)
+            })
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| row.id)
+        .collect();
+    ids.sort();
+    ids
 }
