@@ -369,8 +369,13 @@ impl Database {
         F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<R, E>> + Send,
         E: From<DbError>,
     {
+        // BEGIN and the scope in one round trip (simple protocol): the
+        // setting is made of UUIDs, commas or `*` only, never of input.
+        let setting = scope.setting();
+        debug_assert!(setting.chars().all(|c| c.is_ascii_hexdigit() || matches!(c, '-' | ',' | '*')));
+        let begin = format!("BEGIN; SELECT set_config('socle.entity_scope', '{setting}', true)");
         let mut pooled = self.pool.get().await.map_err(|e| E::from(DbError::Pool(e.to_string())))?;
-        if let Err(error) = AnsiTransactionManager::begin_transaction(&mut *pooled).await {
+        if let Err(error) = begin_with(&mut pooled, &begin).await {
             // Nothing was done: a connection that turns out closed (the
             // server restarted or ended it) is discarded and replaced once.
             let closed = match &error {
@@ -390,13 +395,9 @@ impl Database {
             AnsiTransactionManager::transaction_manager_status_mut(&mut *pooled).set_in_error();
             drop(pooled);
             pooled = self.pool.get().await.map_err(|e| E::from(DbError::Pool(e.to_string())))?;
-            AnsiTransactionManager::begin_transaction(&mut *pooled).await.map_err(|e| E::from(e.into()))?;
+            begin_with(&mut pooled, &begin).await.map_err(|e| E::from(e.into()))?;
         }
         let conn: &mut AsyncPgConnection = &mut pooled;
-        if let Err(e) = set_scope(conn, scope).await {
-            let _ = AnsiTransactionManager::rollback_transaction(conn).await;
-            return Err(E::from(e.into()));
-        }
         match body(conn).await {
             Ok(value) => {
                 AnsiTransactionManager::commit_transaction(conn).await.map_err(|e| E::from(e.into()))?;
@@ -410,6 +411,18 @@ impl Database {
             }
         }
     }
+}
+
+/// Runs `sql` (a BEGIN and what goes with it) as the start of a transaction;
+/// if it fails after the BEGIN took effect, rolls back so that the
+/// connection returns clean.
+async fn begin_with(conn: &mut AsyncPgConnection, sql: &str) -> Result<(), DieselError> {
+    let result = AnsiTransactionManager::begin_transaction_sql(conn, sql).await;
+    if result.is_err() {
+        // Best effort: on a closed connection this fails at once.
+        let _ = conn.batch_execute("ROLLBACK").await;
+    }
+    result
 }
 
 /// Sets the entity scope of the current transaction (`SET LOCAL`).

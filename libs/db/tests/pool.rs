@@ -1,6 +1,7 @@
 //! The connection pool on a real PostgreSQL: a transaction costs its own
-//! statements only (no test query at checkout), and a connection the server
-//! ended is replaced without the caller seeing an error.
+//! statements only (no test query at checkout, the scope sent with the
+//! BEGIN), and a connection the server ended is replaced without the caller
+//! seeing an error.
 
 use diesel::{
     QueryableByName,
@@ -41,14 +42,15 @@ async fn pool(database: &TestDatabase) -> Database {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_transaction_sends_begin_scope_body_commit_and_nothing_else() {
+async fn a_transaction_sends_begin_with_its_scope_then_body_then_commit() {
     let database = TestDatabase::create("db_pool").await.unwrap();
     let db = pool(&database).await;
     backend_pid(&db).await.unwrap(); // the connection exists and is idle
     let (pid, sent) = statements::count(backend_pid(&db)).await;
     pid.unwrap();
-    // BEGIN, set_config (the scope), the body's statement, COMMIT.
-    assert_eq!(sent, 4, "a checkout must not cost a round trip");
+    // BEGIN with set_config (the scope) in one round trip, the body's
+    // statement, COMMIT: no test query at checkout, no separate scope.
+    assert_eq!(sent, 3, "a transaction costs more round trips than its own");
 }
 
 #[tokio::test(flavor = "multi_thread")]
