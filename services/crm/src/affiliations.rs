@@ -433,25 +433,17 @@ impl Crm {
                     v.into_result()?;
                     socle_db::set_scope(conn, &write_scope).await.map_err(DbError::from)?;
                     refuse_second_current(conn, contact, organization, None, input.end_date).await?;
-                    diesel::sql_query(
-                        "INSERT INTO affiliations (id, entity_id, contact_id, organization_id, roles, job_title,
-                            start_date, end_date)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                    )
-                    .bind::<SqlUuid, _>(id)
-                    .bind::<SqlUuid, _>(entity)
-                    .bind::<SqlUuid, _>(contact)
-                    .bind::<SqlUuid, _>(organization)
-                    .bind::<Array<SmallInt>, _>(input.roles.clone())
-                    .bind::<Text, _>(input.job_title.clone())
-                    .bind::<Nullable<Date>, _>(input.start_date)
-                    .bind::<Nullable<Date>, _>(input.end_date)
-                    .execute(conn)
-                    .await
-                    .map_err(DbError::from)?;
-                    let created = load(conn, id).await?.ok_or_else(|| Error::internal("created row not found"))?;
-                    let created = created.to_proto();
-                    audit(conn, "crm.affiliations.create", None, Some(&created)).await?;
+                    let row = NewAffiliation {
+                        id,
+                        entity,
+                        contact,
+                        organization,
+                        roles: input.roles.clone(),
+                        job_title: input.job_title.clone(),
+                        start_date: input.start_date,
+                        end_date: input.end_date,
+                    };
+                    let created = insert(conn, row).await?;
                     Ok(created)
                 })
             })
@@ -673,4 +665,39 @@ impl AffiliationService for Crm {
         let result = Crm::delete_affiliation(self, &caller, request.into_inner()).await;
         reply(result.map(|()| DeleteAffiliationResponse {}), request_id)
     }
+}
+
+/// An affiliation to write, its references checked by the caller.
+pub(crate) struct NewAffiliation {
+    pub id: Uuid,
+    pub entity: Uuid,
+    pub contact: Uuid,
+    pub organization: Uuid,
+    pub roles: Vec<i16>,
+    pub job_title: String,
+    pub start_date: Option<NaiveDate>,
+    pub end_date: Option<NaiveDate>,
+}
+
+/// Inserts an affiliation and emits its audit event (the create path of
+/// CreateAffiliation and of the contacts' imports).
+pub(crate) async fn insert(conn: &mut AsyncPgConnection, row: NewAffiliation) -> Result<Affiliation, Error> {
+    diesel::sql_query(
+        "INSERT INTO affiliations (id, entity_id, contact_id, organization_id, roles, job_title, start_date, end_date)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind::<SqlUuid, _>(row.id)
+    .bind::<SqlUuid, _>(row.entity)
+    .bind::<SqlUuid, _>(row.contact)
+    .bind::<SqlUuid, _>(row.organization)
+    .bind::<Array<SmallInt>, _>(row.roles)
+    .bind::<Text, _>(row.job_title)
+    .bind::<Nullable<Date>, _>(row.start_date)
+    .bind::<Nullable<Date>, _>(row.end_date)
+    .execute(conn)
+    .await
+    .map_err(DbError::from)?;
+    let created = load(conn, row.id).await?.ok_or_else(|| Error::internal("created row not found"))?.to_proto();
+    audit(conn, "crm.affiliations.create", None, Some(&created)).await?;
+    Ok(created)
 }

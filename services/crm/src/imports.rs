@@ -2420,22 +2420,17 @@ async fn affiliate(
             return Ok(());
         }
     }
-    let id = Uuid::now_v7();
-    diesel::sql_query(
-        "INSERT INTO affiliations (id, entity_id, contact_id, organization_id, roles, job_title)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind::<SqlUuid, _>(id)
-    .bind::<SqlUuid, _>(entity)
-    .bind::<SqlUuid, _>(contact)
-    .bind::<SqlUuid, _>(organization)
-    .bind::<Array<SmallInt>, _>(&link.roles)
-    .bind::<Text, _>(&link.job_title)
-    .execute(conn)
-    .await
-    .map_err(DbError::from)?;
-    let created = crate::affiliations::load(conn, id).await?.ok_or_else(|| Error::internal("created row not found"))?;
-    audit(conn, "crm.affiliations.create", None, Some(&created.to_proto())).await
+    let row = crate::affiliations::NewAffiliation {
+        id: Uuid::now_v7(),
+        entity,
+        contact,
+        organization,
+        roles: link.roles.clone(),
+        job_title: link.job_title.clone(),
+        start_date: None,
+        end_date: None,
+    };
+    crate::affiliations::insert(conn, row).await.map(|_| ())
 }
 
 /// Creates or rejects one valid membership row through the create path
