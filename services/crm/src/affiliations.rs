@@ -443,8 +443,7 @@ impl Crm {
                         start_date: input.start_date,
                         end_date: input.end_date,
                     };
-                    let created = insert(conn, row).await?;
-                    Ok(created)
+                    insert(conn, row).await
                 })
             })
             .await
